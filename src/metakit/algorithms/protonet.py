@@ -1,0 +1,73 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+Each class is represented by the mean of its embedded support examples (eq. 1),
+``c_n = 1/K sum_{(x, y=n)} f(x)``, and a query is classified by a softmax over negative
+squared Euclidean distances to the prototypes (eq. 2),
+``p(y=n | x) = softmax_n(-||f(x) - c_n||^2)``. The loss is the negative log-probability of
+the true class, averaged over queries and tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn import Conv4
+from ..tasks import MetaOutput, TaskBatch, accuracy
+from .base import Learner, register
+
+
+def prototypes(z_support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """Class means: z_support [B, N*K, D], support_y [B, N*K] -> [B, N, D] (eq. 1)."""
+    onehot = F.one_hot(support_y, ways).to(z_support.dtype)  # [B, N*K, N]
+    sums = onehot.transpose(1, 2) @ z_support  # [B, N, D]
+    return sums / onehot.sum(1).unsqueeze(-1)
+
+
+def squared_euclidean(a: Tensor, b: Tensor) -> Tensor:
+    """||a_i - b_j||^2 for a [B, M, D], b [B, N, D] -> [B, M, N]."""
+    return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)
+
+
+@register("protonet")
+class ProtoNet(Learner):
+    """Conv4 embedding + nearest prototype under squared Euclidean distance."""
+
+    @dataclass
+    class Options:
+        hidden: int = 64  # conv filters per block
+
+    def __init__(self, options: "ProtoNet.Options | None" = None, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.options = options or ProtoNet.Options()
+        self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """x [..., C, H, W] -> [..., D], one encoder pass for all leading dims."""
+        lead = x.shape[:-3]
+        return self.encoder(x.reshape(-1, *x.shape[-3:])).reshape(*lead, -1)
+
+    def logits(self, z_query: Tensor, z_support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+        """-squared distance to each prototype: [B, M, N] (eq. 2)."""
+        return -squared_euclidean(z_query, prototypes(z_support, support_y, ways))
+
+    def meta_loss(self, batch: TaskBatch) -> MetaOutput:
+        B, S = batch.support_x.shape[:2]
+        # Support and query go through the encoder together: [B, N*K + M, D]
+        z = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        logits = self.logits(z[:, S:], z[:, :S], batch.support_y, batch.ways)  # [B, M, N]
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        acc = accuracy(logits, batch.query_y).mean()
+        return MetaOutput(loss, logits, {"loss": loss.item(), "accuracy": acc.item()})
+
+    def adapt(self, support_x: Tensor, support_y: Tensor):
+        ways = int(support_y.max()) + 1
+        with torch.no_grad():
+            protos = prototypes(self.embed(support_x)[None], support_y[None], ways)  # [1, N, D]
+
+        def predict(query_x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return -squared_euclidean(self.embed(query_x)[None], protos)[0]  # [M, N]
+        return predict

@@ -1,0 +1,170 @@
+"""The command line: ``metakit train | eval | demo | plot | data``.
+
+Bad input (a missing file, an unknown key, an impossible episode) exits with status 2 and one
+line saying what is wrong and how to fix it, before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _user_errors():
+    from .config import ConfigError
+    from .data import DataError, EpisodeError
+    from .engine import CheckpointError
+    return (ConfigError, DataError, EpisodeError, CheckpointError, FileNotFoundError)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .engine import fit
+    from .engine.fit import Experiment
+
+    config = load_config(args.config, args.set)
+    out = Path(args.out or Path("runs") / config.name)
+    experiment = Experiment(config)  # loads and checks data before any training
+    try:
+        result = fit(config, out, resume=not args.restart, progress=not args.quiet, experiment=experiment)
+    except KeyboardInterrupt:
+        print(f"interrupted; {out}/last.pt holds the last checkpoint: run the same command to resume",
+              file=sys.stderr)
+        return 130
+    best = result.best or {}
+    score = {k: v for k, v in best.items() if k in ("accuracy", "mse", "ci95", "step")}
+    print(f"trained {config.algorithm} for {result.step} steps in {result.elapsed:.0f} s; run folder {out}"
+          + (f"; best validation {score}" if score else ""))
+    return 0
+
+
+def eval_setting(config, args) -> dict:
+    """The evaluation episodes: the checkpoint's ``eval`` section, overridden by the flags."""
+    e = config.eval
+    return {"ways": args.ways or e.ways, "shots": args.shots or e.shots, "queries": args.queries or e.queries,
+            "episodes": args.episodes or e.episodes, "split": args.split or config.data.test_split,
+            "seed": args.seed}
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import load_split, make_sampler
+    from .data.sampler import check_episode
+    from .engine import evaluate, load
+
+    learner = load(args.checkpoint)
+    config = learner.config
+    if args.data_root:
+        config.data.root = args.data_root
+    s = eval_setting(config, args)
+    dataset = load_split(config.data, s["split"], config.seed)
+    if dataset is not None:
+        check_episode(dataset, s["ways"], s["shots"], s["queries"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampler = make_sampler(config.data, dataset, s["ways"], s["shots"], s["queries"], 1, s["seed"])
+    result = evaluate(learner, sampler, s["episodes"], progress=not args.json and sys.stderr.isatty(),
+                      desc=f"{s['ways']}-way {s['shots']}-shot")
+    record = {"algorithm": config.algorithm, "dataset": config.data.dataset, "split": s["split"],
+              "ways": s["ways"] if dataset is not None else None, "shots": s["shots"], "queries": s["queries"],
+              "episodes": s["episodes"], "seed": s["seed"], **result, "checkpoint": str(args.checkpoint)}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        key = "accuracy" if "accuracy" in result else "mse"
+        value = result[key] * (100 if key == "accuracy" else 1)
+        ci = result["ci95"] * (100 if key == "accuracy" else 1)
+        unit = "%" if key == "accuracy" else ""
+        print(f"{config.algorithm} on {config.data.dataset} {s['split']}, "
+              + (f"{s['ways']}-way " if dataset is not None else "")
+              + f"{s['shots']}-shot, {s['episodes']} episodes: {key} {value:.2f}{unit} ± {ci:.2f}{unit} (95% CI)")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import data_root
+    from .data.omniglot import describe
+
+    root = data_root(args.root)
+    print(f"data root: {root}" + ("" if args.root else "  (set with --root or METAKIT_DATA)"))
+    rows = describe(args.root)
+    width = max(len(p) for p, _ in rows)
+    for path, status in rows:
+        print(f"  {path:<{width}}  {status}")
+    complete = all(not s.startswith("missing") for _, s in rows)
+    print("Omniglot is complete." if complete else
+          "Omniglot is incomplete: missing files are downloaded on first use, or put them where shown.")
+    return 0 if complete else 1
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(out=Path(args.out), steps=args.steps, episodes=args.episodes, root=args.root)
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+    print(f"learning curve written to {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metakit", description="Meta-learning for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"metakit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="meta-train from a YAML config")
+    p.add_argument("config", help="YAML config, e.g. configs/omniglot/protonet_1shot.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/<name>); an existing run there resumes")
+    p.add_argument("--restart", action="store_true", help="start afresh even if the run folder has last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on fixed test episodes (mean and 95%% CI)")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (uses best.pt)")
+    p.add_argument("--ways", type=int)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--queries", type=int, help="query examples per class (points, for regression)")
+    p.add_argument("--episodes", type=int)
+    p.add_argument("--split", help="data split (default: the config's test split)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the episodes; the same for every algorithm")
+    p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="a short meta-training and evaluation with a learning-curve plot")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="learning curves of a run folder as PNG")
+    p.add_argument("run_dir", help="a run folder with metrics.jsonl")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("data", help="where the data root is, what is there, whether it is complete")
+    p.add_argument("--root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"metakit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

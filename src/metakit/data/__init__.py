@@ -1,0 +1,44 @@
+"""Where tasks come from: data sets held in memory and the samplers that draw episodes from them."""
+from __future__ import annotations
+
+from .base import ClassDataset
+from .download import DataError, data_root
+from .folder import list_classes, load_folder, split_classes
+from .omniglot import load_omniglot
+from .sampler import EpisodeError, EpisodeSampler, check_episode
+from .sinusoid import SinusoidSampler
+from .transforms import apply_transform, load_image, make_transform
+
+DATASETS = ("omniglot", "sinusoid", "folder")
+
+
+def load_split(data, split: str, seed: int = 0) -> ClassDataset | None:
+    """The class data set of ``split`` for a :class:`~metakit.config.DataConfig` (None for sinusoid)."""
+    if data.dataset == "sinusoid":
+        return None
+    if data.dataset == "omniglot":
+        return load_omniglot(split, scheme=data.scheme, image_size=data.image_size, rotations=data.rotations,
+                             root=data.root, download=data.download)
+    if data.dataset == "folder":
+        if not data.path:
+            raise DataError("data.path must name the image folder (one sub-folder per class) for dataset: folder")
+        transform = make_transform(size=data.image_size, channels=data.channels, invert=data.invert)
+        names = ("train", "val", "test")
+        if split not in names:
+            raise DataError(f"unknown split {split!r} for a folder data set; choose one of {list(names)}")
+        parts = split_classes(list_classes(data.path), data.split_fractions, seed)
+        return load_folder(data.path, transform, classes=parts[names.index(split)], name=f"{data.path}:{split}")
+    raise DataError(f"unknown dataset {data.dataset!r}; choose one of {list(DATASETS)}")
+
+
+def make_sampler(data, dataset: ClassDataset | None, ways: int, shots: int, queries: int,
+                 meta_batch_size: int, seed: int):
+    """An episode sampler for a class data set, or a sinusoid sampler (``queries`` points) for regression."""
+    if data.dataset == "sinusoid":
+        return SinusoidSampler(shots, queries, meta_batch_size, seed)
+    return EpisodeSampler(dataset, ways, shots, queries, meta_batch_size, seed)
+
+
+__all__ = ["ClassDataset", "DataError", "EpisodeError", "EpisodeSampler", "SinusoidSampler", "apply_transform",
+           "check_episode", "data_root", "load_folder", "load_image", "load_omniglot", "load_split",
+           "make_sampler", "make_transform", "split_classes"]

@@ -1,0 +1,89 @@
+"""Checkpoints: config + weights + metakit version, written atomically, loaded with clear errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..algorithms import Learner, build_learner
+from ..config import Config, ConfigError, from_dict
+
+
+class CheckpointError(RuntimeError):
+    """A missing, damaged or mismatched checkpoint."""
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def build_from_config(config: Config) -> Learner:
+    in_channels = config.data.channels if config.data.dataset == "folder" else 1
+    return build_learner(config.algorithm, config.model, in_channels=in_channels, image_size=config.data.image_size)
+
+
+def resolve(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint file, or ``RUN_DIR/<which>.pt`` (falling back to ``last.pt``) for a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (f"{which}.pt", "last.pt"):
+            if (path / name).exists():
+                return path / name
+        raise CheckpointError(f"{path} holds no checkpoint ({which}.pt or last.pt); is it a metakit run folder?")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    return path
+
+
+def read(path: str | Path) -> dict:
+    """The raw checkpoint dict, with one clear error for anything that is not a metakit checkpoint."""
+    path = resolve(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a checkpoint "
+                              f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not a metakit checkpoint (no config and weights in it)")
+    return state
+
+
+def load(path: str | Path) -> Learner:
+    """The learner stored in a checkpoint (file or run folder), in eval mode, ready to ``adapt``.
+
+    ``learner.transform`` is the input transform of its data (see :mod:`metakit.data.transforms`),
+    ``learner.config`` the config it was trained with.
+    """
+    state = read(path)
+    try:
+        config = from_dict(state["config"])
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its config cannot be rebuilt by metakit {__version__} ({exc})") from None
+    learner = build_from_config(config)
+    try:
+        learner.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise CheckpointError(f"{path}: its weights do not fit a {config.algorithm} learner with these options "
+                              f"({first[0].strip()}); was the file edited or written for another architecture?") from None
+    learner.config = config
+    learner.transform = state.get("transform") or {}
+    learner.eval()
+    return learner
+
+
+def save(path, learner: Learner, config: Config, transform: dict | None = None, **extra) -> Path:
+    return atomic_save({"metakit_version": __version__, "config": config.to_dict(), "model": learner.state_dict(),
+                        "transform": transform or {}, **extra}, path)

@@ -1,0 +1,205 @@
+"""Meta-training of any learner that meets the contract: episodes in, ``meta_loss`` out, an optimizer step.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON line per logged step and per
+validation), ``last.pt`` (everything needed to resume: weights, optimizer, schedule, sampler
+and RNG states) and ``best.pt`` (the weights with the best validation score). Checkpoints
+are written atomically; starting the same command on a run folder that has ``last.pt``
+resumes where it stopped and gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..algorithms import Learner
+from ..config import Config, dump_config
+from ..data import check_episode, load_split, make_sampler
+from . import checkpoint
+from .evaluate import evaluate
+
+
+@dataclass
+class FitResult:
+    learner: Learner
+    run_dir: Path
+    step: int
+    best: dict | None
+    elapsed: float
+
+
+class Experiment:
+    """The data, samplers and learner of a config, built once and checked before any work."""
+
+    def __init__(self, config: Config, need_val: bool = True) -> None:
+        self.config = config
+        d, t, e = config.data, config.train, config.eval
+        self.train_set = load_split(d, d.train_split, config.seed)
+        self.val_set = load_split(d, d.val_split, config.seed) if need_val and t.val_every > 0 else None
+        if self.train_set is not None:
+            check_episode(self.train_set, t.ways, t.shots, t.queries, t.meta_batch_size)
+        if self.val_set is not None:
+            check_episode(self.val_set, e.ways, e.shots, e.queries)
+        self.transform = self.train_set.transform if self.train_set is not None else {}
+        torch.manual_seed(config.seed)
+        self.learner = checkpoint.build_from_config(config)
+
+    def train_sampler(self):
+        t = self.config.train
+        return make_sampler(self.config.data, self.train_set, t.ways, t.shots, t.queries, t.meta_batch_size,
+                            self.config.seed)
+
+    def val_sampler(self, seed: int = 0):
+        e = self.config.eval
+        return make_sampler(self.config.data, self.val_set, e.ways, e.shots, e.queries, 1, seed)
+
+
+def make_optimizer(learner: Learner, t) -> torch.optim.Optimizer:
+    params = [p for p in learner.parameters() if p.requires_grad]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    raise ValueError(f"unknown optimizer {t.optimizer!r}; choose adam or sgd")
+
+
+def make_scheduler(optimizer, t):
+    if t.lr_step > 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class GracefulStop:
+    """Turns Ctrl-C / SIGTERM into a flag checked between steps, so the checkpoint written on the
+    way out is consistent (a second Ctrl-C stops at once, losing only the steps since the last one)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (written after the checkpoint an interrupted run resumes from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
+        experiment: Experiment | None = None) -> FitResult:
+    """Meta-train ``config`` in ``run_dir``; resume from ``run_dir/last.pt`` when present."""
+    run_dir = Path(run_dir)
+    t = config.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    exp = experiment or Experiment(config)
+    learner = exp.learner
+    sampler = exp.train_sampler()
+    optimizer = make_optimizer(learner, t)
+    scheduler = make_scheduler(optimizer, t)
+    higher_is_better = exp.train_set is not None
+    score_key = "accuracy" if higher_is_better else "mse"
+    step, best, elapsed = 0, None, 0.0
+    running = {"n": 0, "loss": 0.0, "score": 0.0, "tasks": 0, "time": 0.0}
+
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        state = checkpoint.read(last)
+        if state["config"] != config.to_dict():
+            raise checkpoint.CheckpointError(
+                f"{run_dir} holds a run with another config; use another --out folder, or the same config to resume")
+        learner.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        step, best, elapsed, running = state["step"], state["best"], state["elapsed"], state["running"]
+        _trim_metrics(run_dir / "metrics.jsonl", step)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / "config.yaml").write_text(dump_config(config))
+
+    def save_last():
+        checkpoint.save(last, learner, config, exp.transform, step=step, best=best, elapsed=elapsed,
+                        running=running, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        sampler=sampler.state_dict(), rng=torch.get_rng_state())
+
+    def log(record: dict):
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    learner.train()
+    bar = tqdm(total=t.steps, initial=step, desc=f"meta-training {config.algorithm}", disable=not progress,
+               dynamic_ncols=True)
+    with GracefulStop() as stop:
+        while step < t.steps:
+            start = time.perf_counter()
+            batch = sampler.sample()
+            out = learner.meta_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            took = time.perf_counter() - start
+            elapsed += took
+            running["n"] += 1
+            running["loss"] += out.metrics["loss"]
+            running["score"] += out.metrics.get(score_key, 0.0)
+            running["tasks"] += batch.meta_batch_size
+            running["time"] += took
+            if step % t.log_every == 0 or step == t.steps:
+                n = running["n"]
+                record = {"step": step, "loss": running["loss"] / n, score_key: running["score"] / n,
+                          "lr": optimizer.param_groups[0]["lr"], "tasks_per_s": running["tasks"] / running["time"],
+                          "elapsed_s": round(elapsed, 2)}
+                log(record)
+                bar.set_postfix({"loss": f"{record['loss']:.3f}", score_key[:3]: f"{record[score_key]:.3f}",
+                                 "tasks/s": f"{record['tasks_per_s']:.1f}"})
+                running = {"n": 0, "loss": 0.0, "score": 0.0, "tasks": 0, "time": 0.0}
+            if exp.val_set is not None or (exp.train_set is None and t.val_every > 0):
+                if step % t.val_every == 0 or step == t.steps:
+                    result = evaluate(learner, exp.val_sampler(), t.val_episodes)
+                    record = {"step": step, f"val_{score_key}": result[score_key], "val_ci95": result["ci95"]}
+                    log(record)
+                    better = best is None or (result[score_key] > best[score_key] if higher_is_better
+                                              else result[score_key] < best[score_key])
+                    if better:
+                        best = {"step": step, score_key: result[score_key], "ci95": result["ci95"]}
+                        checkpoint.save(run_dir / "best.pt", learner, config, exp.transform, step=step, best=best)
+                    bar.write(f"step {step}: val {score_key} {result[score_key]:.4f} ± {result['ci95']:.4f}"
+                              f" (best {best[score_key]:.4f} at step {best['step']})")
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                save_last()
+            bar.update(1)
+            if stop.requested:
+                save_last()
+                bar.close()
+                raise KeyboardInterrupt
+    bar.close()
+    if best is None:
+        checkpoint.save(run_dir / "best.pt", learner, config, exp.transform, step=step, best=best)
+    return FitResult(learner, run_dir, step, best, elapsed)

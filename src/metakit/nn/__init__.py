@@ -1,0 +1,5 @@
+"""Backbones: feature extractors and small networks, no algorithm logic."""
+from .conv4 import Conv4, conv_block
+from .mlp import MLP
+
+__all__ = ["Conv4", "MLP", "conv_block"]

@@ -1,0 +1,54 @@
+"""Learning curves from a run's ``metrics.jsonl``, drawn with matplotlib (no display needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; is {run_dir} a metakit run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Training loss, training score and validation score with its 95% CI band -> PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if any(k.startswith("val_") and k != "val_ci95" for k in r)]
+    key = "accuracy" if any("accuracy" in r for r in train) else "mse"
+    train_label, val_label = f"train {key}", f"validation {key} (95% CI)"
+    config_path = Path(run_dir) / "config.yaml"
+    if config_path.exists() and key == "accuracy":
+        import yaml
+        config = yaml.safe_load(config_path.read_text())
+        t, e = config["train"], config["eval"]
+        train_label = f"train {key}, {t['ways']}-way {t['shots']}-shot"
+        val_label = f"validation {key}, {e['ways']}-way {e['shots']}-shot (95% CI)"
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
+    ax_loss.set(xlabel="meta-training step", ylabel="training loss", title="loss")
+    ax_loss.set_yscale("log")
+    ax_score.plot([r["step"] for r in train], [r[key] for r in train], color="tab:blue", label=train_label)
+    if val:
+        steps = [r["step"] for r in val]
+        mean = [r[f"val_{key}"] for r in val]
+        ci = [r["val_ci95"] for r in val]
+        ax_score.plot(steps, mean, "o-", color="tab:orange", label=val_label)
+        ax_score.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
+                              color="tab:orange", alpha=0.25)
+    ax_score.set(xlabel="meta-training step", ylabel=key, title=key)
+    ax_score.legend(loc="lower right" if key == "accuracy" else "upper right")
+    for ax in (ax_loss, ax_score):
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "learning_curve.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,109 @@
+"""The command line: the happy paths on tiny budgets, and one clear line for each bad input."""
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metakit.cli import main
+
+from synthetic import folder_config, make_image_folder
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def config_file(folder, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(folder_config(folder, steps=4)))
+    return path
+
+
+def one_error_line(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_train_then_eval_json(config_file, tmp_path, capsys):
+    assert main(["train", str(config_file), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "trained protonet for 4 steps" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run"), "--episodes", "30", "--json", "--ways", "2"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {"algorithm", "dataset", "split", "ways", "shots", "queries", "episodes", "accuracy", "ci95"} <= set(record)
+    assert (record["algorithm"], record["dataset"], record["split"], record["ways"], record["episodes"]) == \
+        ("protonet", "folder", "test", 2, 30)
+    assert 0 <= record["accuracy"] <= 1 and record["ci95"] > 0
+
+
+def test_bad_inputs_give_one_clear_line(config_file, tmp_path, capsys):
+    assert "config file nope.yaml not found" in one_error_line(capsys, ["train", "nope.yaml"])
+    line = one_error_line(capsys, ["train", str(config_file), "--set", "train.wayz=5"])
+    assert "unknown key train.wayz; valid keys in train: ways, shots, queries" in line
+    line = one_error_line(capsys, ["train", str(config_file), "--set", "train.ways=7", "--out", str(tmp_path / "r")])
+    assert "7 ways asked but" in line and "has only 6 classes" in line
+    assert not (tmp_path / "r").exists()  # refused before any work
+    line = one_error_line(capsys, ["train", str(config_file), "--set", "train.shots=8"])
+    assert "shots + queries = 8 + 2 = 10" in line and "use shots + queries <= 8" in line
+    line = one_error_line(capsys, ["train", str(config_file), "--set", "train.shots=0"])
+    assert "shots must be a positive integer, got 0" in line
+    assert "checkpoint missing.pt not found" in one_error_line(capsys, ["eval", "missing.pt"])
+    line = one_error_line(capsys, ["train", str(config_file), "--set", f"data.path={tmp_path / 'none'}"])
+    assert "image folder" in line and "not found" in line
+
+
+def test_eval_refuses_an_impossible_episode(config_file, tmp_path, capsys):
+    assert main(["train", str(config_file), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    line = one_error_line(capsys, ["eval", str(tmp_path / "run"), "--ways", "4"])
+    assert "4 ways asked but" in line and "only 3 classes" in line
+
+
+def test_ctrl_c_saves_and_the_same_command_resumes(folder, tmp_path):
+    config = tmp_path / "slow.yaml"
+    config.write_text(yaml.safe_dump(folder_config(folder, steps=100000, checkpoint_every=100000, val_every=0)))
+    cmd = [sys.executable, "-m", "metakit", "train", str(config), "--out", str(tmp_path / "run"), "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command to resume" in err
+    import torch
+    step = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"]
+    assert step >= 4  # written on the way out, though checkpoint_every was never reached
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "images_background.zip").exists(),
+                    reason="needs the Omniglot archives in ../shared/data")
+def test_demo_path_on_a_tiny_budget(tmp_path, capsys):
+    assert main(["demo", "--steps", "3", "--episodes", "20", "--root", str(SHARED_DATA),
+                 "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy, 5-way 1-shot over 20 episodes:" in out and "(95% CI)" in out
+    assert (tmp_path / "demo" / "learning_curve.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "best.pt").exists()
+
+
+def test_data_command_reports_completeness(tmp_path, capsys):
+    assert main(["data", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"images_background\.zip\s+missing", out) and "incomplete" in out
+    if (SHARED_DATA / "omniglot" / "images_background.zip").exists():
+        assert main(["data", "--root", str(SHARED_DATA)]) == 0
+        assert "Omniglot is complete." in capsys.readouterr().out

@@ -1,0 +1,136 @@
+"""The engine: 95% CI, training, resume equivalence, checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+
+import metakit
+from metakit.config import from_dict
+from metakit.engine import CheckpointError, evaluate, fit, mean_ci95
+from metakit.engine.fit import Experiment
+
+from synthetic import folder_config, make_image_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def test_ci95_formula():
+    mean, ci = mean_ci95([1.0, 0.0, 1.0, 1.0])
+    # sample std of (1, 0, 1, 1) is 0.5; 1.96 * 0.5 / sqrt(4) = 0.49
+    assert mean == 0.75 and math.isclose(ci, 0.49)
+    assert mean_ci95([0.3] * 10) == (0.3, 0.0)
+
+
+def _weights(learner):
+    return {k: v.clone() for k, v in learner.state_dict().items()}
+
+
+def _records(run_dir):
+    drop = {"tasks_per_s", "elapsed_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_writes_run_folder_and_learns(folder, tmp_path):
+    config = from_dict(folder_config(folder, steps=12))
+    result = fit(config, tmp_path / "run", progress=False)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"last.pt", "best.pt", "metrics.jsonl", "config.yaml"} <= names
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records if "val_accuracy" in r] == [4, 8, 12]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[0] == 1e-2 and lrs[-1] == pytest.approx(1e-2 / 8)  # halved every 4 steps, 12 steps
+    assert result.best["accuracy"] == max(r["val_accuracy"] for r in records if "val_accuracy" in r)
+
+
+class CrashingSampler:
+    """Wraps a sampler and raises on its ``n``-th draw, as a killed process would stop."""
+
+    def __init__(self, sampler, n):
+        self.sampler, self.n, self.calls = sampler, n, 0
+
+    def sample(self, *a):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("simulated crash")
+        return self.sampler.sample(*a)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, s):
+        self.sampler.load_state_dict(s)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(folder, tmp_path, monkeypatch):
+    config = from_dict(folder_config(folder, steps=12))
+    straight = fit(config, tmp_path / "straight", progress=False)
+
+    original = Experiment.train_sampler
+    monkeypatch.setattr(Experiment, "train_sampler", lambda self: CrashingSampler(original(self), 8))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, tmp_path / "resumed", progress=False)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["step"] == 6  # checkpoint_every=3
+    monkeypatch.setattr(Experiment, "train_sampler", original)
+    resumed = fit(config, tmp_path / "resumed", progress=False)
+
+    a, b = _weights(straight.learner), _weights(resumed.learner)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
+
+
+def test_resume_refuses_another_config(folder, tmp_path):
+    fit(from_dict(folder_config(folder, steps=3)), tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="another config"):
+        fit(from_dict(folder_config(folder, steps=3, lr=0.5)), tmp_path / "run", progress=False)
+
+
+def test_load_returns_a_learner_ready_to_adapt(folder, tmp_path):
+    config = from_dict(folder_config(folder, steps=3))
+    result = fit(config, tmp_path / "run", progress=False)
+    learner = metakit.load(tmp_path / "run")
+    assert not learner.training and learner.transform == {"size": 28, "channels": 1, "invert": True,
+                                                          "resample": "lanczos"}
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert all(torch.equal(v, best["model"][k]) for k, v in learner.state_dict().items())
+    assert best["metakit_version"] == metakit.__version__
+    exp = Experiment(config)
+    sampler = exp.val_sampler()
+    batch = sampler.sample()
+    predict = learner.adapt(batch.support_x[0], batch.support_y[0])
+    assert predict(batch.query_x[0]).shape == (6, 3)
+    del result
+
+
+def test_damaged_and_foreign_checkpoints_fail_clearly(folder, tmp_path):
+    fit(from_dict(folder_config(folder, steps=2, val_every=0)), tmp_path / "run", progress=False)
+    good = tmp_path / "run" / "best.pt"
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="damaged or not a checkpoint"):
+        metakit.load(damaged)
+    state = torch.load(good, weights_only=False)
+    state["config"]["model"]["hidden"] = 16  # weights of a 8-filter net, config of a 16-filter one
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    with pytest.raises(CheckpointError, match="do not fit a protonet learner"):
+        metakit.load(other)
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a metakit checkpoint"):
+        metakit.load(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        metakit.load(tmp_path / "missing.pt")
+
+
+def test_evaluate_is_fixed_by_the_seed(folder):
+    config = from_dict(folder_config(folder))
+    exp = Experiment(config)
+    a = evaluate(exp.learner, exp.val_sampler(seed=5), 10)
+    b = evaluate(exp.learner, exp.val_sampler(seed=5), 10)
+    c = evaluate(exp.learner, exp.val_sampler(seed=6), 10)
+    assert a == b and a != c and a["episodes"] == 10 and 0 <= a["accuracy"] <= 1

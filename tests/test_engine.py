@@ -134,3 +134,58 @@ def test_evaluate_is_fixed_by_the_seed(folder):
     b = evaluate(exp.learner, exp.val_sampler(seed=5), 10)
     c = evaluate(exp.learner, exp.val_sampler(seed=6), 10)
     assert a == b and a != c and a["episodes"] == 10 and 0 <= a["accuracy"] <= 1
+
+
+def test_evaluation_episodes_do_not_depend_on_the_batching(folder):
+    exp = Experiment(from_dict(folder_config(folder)))
+    one = evaluate(exp.learner, exp.val_sampler(seed=1), 12, batch=1)
+    seven = evaluate(exp.learner, exp.val_sampler(seed=1), 12, batch=7)
+    assert one["accuracy"] == pytest.approx(seven["accuracy"]) and one["ci95"] == pytest.approx(seven["ci95"])
+
+
+def test_regression_runs_through_the_same_engine(tmp_path):
+    """A sinusoid learner (here: least squares on random features, defined in the test) trains
+    and validates by mean squared error, and the best checkpoint is the lowest MSE."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from metakit.algorithms import REGISTRY, Learner, register
+    from metakit.tasks import MetaOutput
+
+    @register("test_ridge")
+    class Ridge(Learner):
+        task = "regression"
+
+        @dataclass
+        class Options:
+            features: int = 64
+
+        def __init__(self, options=None, **_):
+            super().__init__()
+            self.freq = nn.Parameter(torch.randn(options.features))
+            self.shift = nn.Parameter(torch.rand(options.features) * 6.3)
+
+        def phi(self, x):  # [B, M, 1] -> [B, M, F]
+            return torch.cos(x * self.freq + self.shift)
+
+        def meta_loss(self, batch):
+            a, b = self.phi(batch.support_x), self.phi(batch.query_x)
+            eye = torch.eye(a.shape[-1])
+            w = torch.linalg.solve(a.transpose(1, 2) @ a + 0.1 * eye, a.transpose(1, 2) @ batch.support_y)
+            pred = b @ w  # [B, Q, 1]
+            loss = (pred - batch.query_y).pow(2).mean()
+            return MetaOutput(loss, pred, {"loss": loss.item(), "mse": loss.item()})
+
+    try:
+        config = from_dict({"algorithm": "test_ridge", "data": {"dataset": "sinusoid"},
+                            "train": {"shots": 10, "queries": 10, "meta_batch_size": 8, "steps": 40, "lr": 1e-2,
+                                      "log_every": 10, "val_every": 20, "val_episodes": 50},
+                            "eval": {"shots": 10, "queries": 10}})
+        result = fit(config, tmp_path / "run", progress=False)
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        vals = [r["val_mse"] for r in records if "val_mse" in r]
+        assert len(vals) == 2 and result.best["mse"] == min(vals)
+        assert all("mse" in r for r in records if "loss" in r)
+    finally:
+        REGISTRY.pop("test_ridge")

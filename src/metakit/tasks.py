@@ -52,6 +52,12 @@ class TaskBatch:
         return TaskBatch(self.support_x[s], self.support_y[s], self.query_x[s], self.query_y[s], self.ways)
 
 
+def cat_batches(batches: list[TaskBatch]) -> TaskBatch:
+    """Concatenate task batches of equal task shape along the meta-batch dimension."""
+    return TaskBatch(*(torch.cat([getattr(b, k) for b in batches]) for k in
+                       ("support_x", "support_y", "query_x", "query_y")), ways=batches[0].ways)
+
+
 @dataclass
 class MetaOutput:
     """What ``learner.meta_loss(batch)`` returns.

@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from ..algorithms import Learner
-from ..tasks import accuracy
+from ..tasks import accuracy, cat_batches
 
 
 def mean_ci95(values) -> tuple[float, float]:
@@ -38,7 +38,8 @@ def evaluate(learner: Learner, sampler, episodes: int, batch: int | None = None,
              desc: str = "evaluating") -> dict:
     """Score ``learner`` on ``episodes`` tasks from ``sampler`` (seeded: the same tasks each time).
 
-    Returns ``{"accuracy" or "mse": mean, "ci95": half-width, "episodes": n}``.
+    Episodes are drawn one at a time, so they do not depend on ``batch`` (how many are
+    scored per forward pass). Returns ``{"accuracy" or "mse": mean, "ci95": half-width, "episodes": n}``.
     """
     ways = getattr(sampler, "ways", None)
     batch = batch or auto_batch(ways, sampler.shots, sampler.queries)
@@ -51,7 +52,8 @@ def evaluate(learner: Learner, sampler, episodes: int, batch: int | None = None,
             left = episodes
             while left > 0:
                 b = min(batch, left)
-                scores.append(per_task_scores(learner, sampler.sample(b)))
+                tasks = cat_batches([sampler.sample(1) for _ in range(b)])
+                scores.append(per_task_scores(learner, tasks))
                 left -= b
                 bar.update(b)
     finally:

@@ -1,0 +1,22 @@
+"""Backbones."""
+import torch
+
+from metakit.nn import MLP, Conv4
+
+
+def test_conv4_equals_the_textbook_block_order():
+    """Channels-last with max-pool before ReLU computes conv -> BN -> ReLU -> pool exactly."""
+    torch.manual_seed(0)
+    net = Conv4(hidden=8).double()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    h = x
+    for conv, bn, pool, relu in net.features:
+        h = pool(relu(bn(conv(h))))
+    assert torch.allclose(net(x), h.flatten(1), atol=1e-10)
+    assert net(x).shape == (6, 8) and net.embedding_dim == 8
+
+
+def test_conv4_shapes():
+    assert Conv4(image_size=84)(torch.rand(2, 1, 84, 84)).shape == (2, 64 * 25)
+    assert Conv4(in_channels=3, out_features=5)(torch.rand(2, 3, 28, 28)).shape == (2, 5)
+    assert MLP()(torch.rand(7, 1)).shape == (7, 1)

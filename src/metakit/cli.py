@@ -106,6 +106,11 @@ def cmd_demo(args) -> int:
     return run_demo(out=Path(args.out), steps=args.steps, episodes=args.episodes, root=args.root)
 
 
+def cmd_serve(args) -> int:
+    from .serve import cmd_serve as serve
+    return serve(args)
+
+
 def cmd_plot(args) -> int:
     from .plot import plot_run
     print(f"learning curve written to {plot_run(args.run_dir, args.out)}")
@@ -150,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder with metrics.jsonl")
     p.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("serve", help="a local web page: draw characters, add them as classes, see predictions")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="where the data root is, what is there, whether it is complete")
     p.add_argument("--root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")

@@ -41,10 +41,14 @@ class Learner(nn.Module):
         raise NotImplementedError
 
 
-def build_learner(algorithm: str, options, in_channels: int = 1, image_size: int = 28) -> Learner:
+def build_learner(algorithm: str, options, in_channels: int = 1, image_size: int = 28, ways: int = 5,
+                  task: str = "classification") -> Learner:
+    """Build a registered learner. Every learner's ``__init__`` takes ``(options, in_channels,
+    image_size, ways, task)``: ``ways`` sizes a classifier head (gradient-based learners), ``task``
+    is ``"classification"`` or ``"regression"`` (sinusoids); learners that need neither ignore them."""
     if algorithm not in REGISTRY:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[algorithm](options, in_channels=in_channels, image_size=image_size)
+    return REGISTRY[algorithm](options, in_channels=in_channels, image_size=image_size, ways=ways, task=task)
 
 
 def options_class(algorithm: str) -> type:

@@ -39,7 +39,8 @@ class ProtoNet(Learner):
     class Options:
         hidden: int = 64  # conv filters per block
 
-    def __init__(self, options: "ProtoNet.Options | None" = None, in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(self, options: "ProtoNet.Options | None" = None, in_channels: int = 1, image_size: int = 28,
+                 **_) -> None:
         super().__init__()
         self.options = options or ProtoNet.Options()
         self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size)

@@ -31,7 +31,9 @@ def atomic_save(obj, path: str | Path) -> Path:
 
 def build_from_config(config: Config) -> Learner:
     in_channels = config.data.channels if config.data.dataset == "folder" else 1
-    return build_learner(config.algorithm, config.model, in_channels=in_channels, image_size=config.data.image_size)
+    task = "regression" if config.data.dataset == "sinusoid" else "classification"
+    return build_learner(config.algorithm, config.model, in_channels=in_channels, image_size=config.data.image_size,
+                         ways=config.train.ways, task=task)
 
 
 def resolve(path: str | Path, which: str = "best") -> Path:

@@ -94,9 +94,9 @@ def test_maml_split_deterministic_disjoint_covering(tiny_omniglot):
 
 
 def test_unknown_scheme_or_split(tiny_omniglot):
-    with pytest.raises(ValueError, match="scheme"):
+    with pytest.raises(DataError, match="scheme"):
         load(tiny_omniglot, "train", "snell")
-    with pytest.raises(ValueError, match="background"):
+    with pytest.raises(DataError, match="background"):
         load(tiny_omniglot, "train", "lake")
 
 

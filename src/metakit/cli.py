@@ -21,15 +21,21 @@ def _user_errors():
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .engine import fit
     from .engine.fit import Experiment
 
     config = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / config.name)
+    if args.tensorboard:  # optional package: checked before any work
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--tensorboard needs the optional tensorboard package: pip install tensorboard") from None
     experiment = Experiment(config)  # loads and checks data before any training
     try:
-        result = fit(config, out, resume=not args.restart, progress=not args.quiet, experiment=experiment)
+        result = fit(config, out, resume=not args.restart, progress=not args.quiet, experiment=experiment,
+                     tensorboard=args.tensorboard)
     except KeyboardInterrupt:
         print(f"interrupted; {out}/last.pt holds the last checkpoint: run the same command to resume",
               file=sys.stderr)
@@ -106,14 +112,53 @@ def cmd_demo(args) -> int:
     return run_demo(out=Path(args.out), steps=args.steps, episodes=args.episodes, root=args.root)
 
 
+def cmd_predict(args) -> int:
+    import warnings
+
+    from .engine import load
+    from .predict import format_table, predict_images
+
+    learner = load(args.checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = predict_images(learner, args.support, args.query, shots=args.shots)
+    for w in caught:
+        print(f"metakit predict: warning: {w.message}", file=sys.stderr)
+    print(json.dumps(records, indent=1) if args.json else format_table(records))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import cmd_serve as serve
     return serve(args)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,5,10, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def cmd_plot(args) -> int:
-    from .plot import plot_run
-    print(f"learning curve written to {plot_run(args.run_dir, args.out)}")
+    from .plot import plot_run, plot_shots_ways, shots_ways_curve
+
+    if args.shots is None:
+        print(f"learning curve written to {plot_run(args.target, args.out)}")
+        return 0
+    from .engine import load
+
+    learner = load(args.target)
+    rows = shots_ways_curve(learner, args.shots, args.ways, args.episodes, args.split, args.queries, args.seed,
+                            progress=sys.stderr.isatty())
+    for r in rows:
+        print(f"{r['ways']}-way {r['shots']}-shot: {100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%")
+    out = args.out or Path(args.target).with_suffix("").as_posix() + "_shots.png"
+    path = plot_shots_ways(rows, out, title=f"{learner.config.algorithm}, {args.episodes} episodes per point")
+    print(f"accuracy against shots written to {path}")
     return 0
 
 
@@ -129,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<name>); an existing run there resumes")
     p.add_argument("--restart", action="store_true", help="start afresh even if the run folder has last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to RUN_DIR/tensorboard (needs the optional tensorboard package)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on fixed test episodes (mean and 95%% CI)")
@@ -151,10 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="learning curves of a run folder as PNG")
-    p.add_argument("run_dir", help="a run folder with metrics.jsonl")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png)")
+    p = sub.add_parser("plot", help="learning curves of a run folder, or accuracy against shots of a checkpoint, as PNG")
+    p.add_argument("target", help="a run folder with metrics.jsonl; with --shots, a checkpoint or run folder")
+    p.add_argument("--shots", type=_int_list, help="e.g. 1,2,5,10: plot test accuracy against shots instead")
+    p.add_argument("--ways", type=_int_list, default=[5], help="e.g. 5,20 (with --shots; default 5)")
+    p.add_argument("--episodes", type=int, default=200, help="test episodes per point (with --shots)")
+    p.add_argument("--queries", type=int, default=15, help="query examples per class (with --shots)")
+    p.add_argument("--split", help="data split (with --shots; default the config's test split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png or CHECKPOINT_shots.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("predict", help="few-shot prediction on your own images with a trained checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
+    p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--query", required=True, nargs="+", help="query images or folders of images")
+    p.add_argument("--shots", type=int, help="use this many support images per class (each class needs as many)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="a local web page: draw characters, add them as classes, see predictions")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")

@@ -52,3 +52,50 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def shots_ways_curve(learner, shots: list[int], ways: list[int], episodes: int = 200, split: str | None = None,
+                     queries: int = 15, seed: int = 0, progress: bool = False) -> list[dict]:
+    """Test accuracy of a checkpoint for every (ways, shots): ``[{"ways", "shots", "accuracy", "ci95"}]``."""
+    from .data import load_split, make_sampler
+    from .data.sampler import check_episode
+    from .engine import evaluate
+
+    config = learner.config
+    dataset = load_split(config.data, split or config.data.test_split, config.seed)
+    if dataset is None:
+        raise ValueError("accuracy against shots and ways needs a classification checkpoint")
+    for n in ways:  # every setting is checked before any is evaluated
+        for k in shots:
+            check_episode(dataset, n, k, queries)
+    rows = []
+    for n in ways:
+        for k in shots:
+            sampler = make_sampler(config.data, dataset, n, k, queries, 1, seed)
+            r = evaluate(learner, sampler, episodes, progress=progress, desc=f"{n}-way {k}-shot")
+            rows.append({"ways": n, "shots": k, "accuracy": r["accuracy"], "ci95": r["ci95"], "episodes": episodes})
+    return rows
+
+
+def plot_shots_ways(rows: list[dict], out: str | Path, title: str = "") -> Path:
+    """Accuracy (with 95% CI error bars) against shots, one line per number of ways -> PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in sorted({r["ways"] for r in rows}):
+        sel = sorted((r for r in rows if r["ways"] == n), key=lambda r: r["shots"])
+        ax.errorbar([r["shots"] for r in sel], [100 * r["accuracy"] for r in sel],
+                    yerr=[100 * r["ci95"] for r in sel], marker="o", capsize=3, label=f"{n}-way")
+    ax.set(xlabel="shots (support examples per class)", ylabel="test accuracy %", title=title)
+    ax.set_xscale("log")
+    shots = sorted({r["shots"] for r in rows})
+    ax.set_xticks(shots, [str(s) for s in shots])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

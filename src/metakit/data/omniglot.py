@@ -174,18 +174,21 @@ def load_omniglot(split: str = "train", scheme: str = "vinyals", image_size: int
     dict ``{"images_background": (...), "images_evaluation": (...)}``, None, or "official" (Omniglot's).
     """
     if scheme not in SPLITS:
-        raise ValueError(f"unknown Omniglot split scheme {scheme!r}; choose one of {sorted(SPLITS)}")
+        raise DataError(f"unknown Omniglot split scheme {scheme!r}; choose one of {sorted(SPLITS)}")
     if split not in SPLITS[scheme]:
-        raise ValueError(f"unknown split {split!r} for scheme {scheme!r}; choose one of {list(SPLITS[scheme])}")
+        raise DataError(f"unknown split {split!r} for scheme {scheme!r}; choose one of {list(SPLITS[scheme])}")
     names = ARCHIVES if scheme != "lake" else (f"images_{split}",)
-    errors = []  # one error naming every missing archive, not one per run
+    missing = []  # one error naming every missing archive, not one per run
     for n in names:
         try:
             archive_path(n, root, download, base_url)
         except DataError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise DataError("\n".join(errors))
+            missing.append((f"{n}.zip", str(exc).rsplit("; ", 1)[-1]))
+    if missing:
+        files = " and ".join(f for f, _ in missing)
+        urls = ", ".join(base_url + f for f, _ in missing)
+        raise DataError(f"Omniglot {files} not found: put {'them' if len(missing) > 1 else 'it'} in "
+                        f"{omniglot_dir(root)} (from {urls}); {missing[0][1]}")
     decoded = [load_archive(n, image_size, root, download, base_url, expected) for n in names]
     index = {c: (d, i) for d in decoded for i, c in enumerate(d["characters"])}
     if scheme == "vinyals":

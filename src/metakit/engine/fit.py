@@ -107,9 +107,21 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def summary_writer(run_dir: Path):
+    """A TensorBoard writer for ``run_dir/tensorboard``; tensorboard is optional, not a dependency."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("--tensorboard needs the optional tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
-        experiment: Experiment | None = None) -> FitResult:
-    """Meta-train ``config`` in ``run_dir``; resume from ``run_dir/last.pt`` when present."""
+        experiment: Experiment | None = None, tensorboard: bool = False) -> FitResult:
+    """Meta-train ``config`` in ``run_dir``; resume from ``run_dir/last.pt`` when present.
+
+    With ``tensorboard``, every line of ``metrics.jsonl`` is also written as TensorBoard scalars.
+    """
     run_dir = Path(run_dir)
     t = config.train
     if t.threads > 0:
@@ -147,9 +159,15 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
                         running=running, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         sampler=sampler.state_dict(), rng=torch.get_rng_state())
 
+    writer = summary_writer(run_dir) if tensorboard else None
+
     def log(record: dict):
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(key, value, record["step"])
 
     learner.train()
     bar = tqdm(total=t.steps, initial=step, desc=f"meta-training {config.algorithm}", disable=not progress,
@@ -200,6 +218,8 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
                 bar.close()
                 raise KeyboardInterrupt
     bar.close()
+    if writer is not None:
+        writer.close()
     if best is None:
         checkpoint.save(run_dir / "best.pt", learner, config, exp.transform, step=step, best=best)
     return FitResult(learner, run_dir, step, best, elapsed)

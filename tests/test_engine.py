@@ -189,3 +189,20 @@ def test_regression_runs_through_the_same_engine(tmp_path):
         assert all("mse" in r for r in records if "loss" in r)
     finally:
         REGISTRY.pop("test_ridge")
+
+
+def test_folder_classes_split_by_explicit_lists(folder):
+    from metakit.data import DataError, load_split
+
+    lists = {"train": ["class_00", "class_01", "class_02"], "val": ["class_03", "class_04", "class_05"],
+             "test": ["class_06", "class_07", "class_08", "class_09"]}
+    config = from_dict(folder_config(folder) | {"data": {"dataset": "folder", "path": str(folder),
+                                                         "split_classes": lists}})
+    for split, names in lists.items():
+        assert load_split(config.data, split).class_names == names
+    config.data.split_classes = {"train": ["class_99"]}
+    with pytest.raises(DataError, match="names 'class_99', not a class folder"):
+        load_split(config.data, "train")
+    config.data.split_classes = {"tran": ["class_00"]}
+    with pytest.raises(DataError, match="unknown split 'tran'"):
+        load_split(config.data, "train")

@@ -36,7 +36,8 @@ class DataConfig:
     path: str | None = None
     channels: int = 1
     invert: bool = True              # dark ink on light paper -> ink 1
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train / val / test classes
+    split_classes: dict | None = None  # or explicit lists: {train: [class, ...], val: [...], test: [...]}
 
 
 @dataclass
@@ -118,6 +119,10 @@ def _coerce(value, annotation, key: str):
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
+        if ann.startswith("dict"):
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
         if ann.startswith("str"):
             return str(value)
         if ann.startswith("list[float]") or ann.startswith("tuple[float"):

@@ -26,8 +26,22 @@ def load_split(data, split: str, seed: int = 0) -> ClassDataset | None:
         names = ("train", "val", "test")
         if split not in names:
             raise DataError(f"unknown split {split!r} for a folder data set; choose one of {list(names)}")
-        parts = split_classes(list_classes(data.path), data.split_fractions, seed)
-        return load_folder(data.path, transform, classes=parts[names.index(split)], name=f"{data.path}:{split}")
+        available = list_classes(data.path)
+        if data.split_classes:
+            unknown = sorted(set(data.split_classes) - set(names))
+            if unknown:
+                raise DataError(f"data.split_classes has unknown split {unknown[0]!r}; use {list(names)}")
+            classes = [str(c) for c in data.split_classes.get(split) or []]
+            missing = [c for c in classes if c not in available]
+            if missing:
+                raise DataError(f"data.split_classes.{split} names {missing[0]!r}, not a class folder in "
+                                f"{data.path} (classes there: {', '.join(available[:10])}"
+                                f"{', ...' if len(available) > 10 else ''})")
+            if not classes:
+                raise DataError(f"data.split_classes gives no classes for the {split} split")
+        else:
+            classes = split_classes(available, data.split_fractions, seed)[names.index(split)]
+        return load_folder(data.path, transform, classes=classes, name=f"{data.path}:{split}")
     raise DataError(f"unknown dataset {data.dataset!r}; choose one of {list(DATASETS)}")
 
 

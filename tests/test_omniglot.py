@@ -215,6 +215,17 @@ def test_writable_dir_falls_back(tmp_path):
     assert ok.is_dir() and not (tmp_path / "unused").exists()
 
 
+def test_a_data_root_without_write_bits_gets_no_cache_even_as_root(tiny_copy, metakit_cache):
+    """CI lays ../shared/data out without write bits; root could still write there, and must not."""
+    tiny_copy.omniglot.chmod(0o555)
+    try:
+        load(tiny_copy, "evaluation", "lake")
+    finally:
+        tiny_copy.omniglot.chmod(0o755)
+    assert not (tiny_copy.omniglot / "cache").exists()
+    assert (metakit_cache / "omniglot" / "images_evaluation_28px.pt").is_file()
+
+
 def test_cache_goes_to_metakit_cache_when_data_root_unwritable(tiny_copy, metakit_cache):
     # we run as root, so chmod does not stop writes: block the cache folder with a file instead
     (tiny_copy.omniglot / "cache").write_text("not a folder")

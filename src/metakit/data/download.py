@@ -48,14 +48,24 @@ def fetch_or_explain(url: str, dest: Path, what: str, allow_download: bool = Tru
     raise DataError(f"{what} not found: put {dest.name} in {dest.parent} (from {url}); {reason}")
 
 
+def is_writable(path: Path) -> bool:
+    """Writable by us *and* meant to be: a path without write bits counts as read-only, for root too
+    (a data mirror laid out read-only must not receive caches just because root may write anywhere)."""
+    return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+
+
 def writable_dir(preferred: Path, fallback: Path) -> Path:
     """``preferred`` when it can be created and written, else ``fallback`` (created)."""
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
+    existing = preferred
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if is_writable(existing):
+        try:
+            preferred.mkdir(parents=True, exist_ok=True)
+            if is_writable(preferred):
+                return preferred
+        except OSError:
+            pass
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 

@@ -1,0 +1,40 @@
+"""Omniglot load times: the first load decodes the archives, later loads read the uint8 cache.
+
+    python benchmarks/data_load.py --root ../shared/data --size 28 --repeats 5
+
+Uses a fresh temporary cache folder (METAKIT_CACHE) so the first load really decodes; the data root
+must be read-only for that (as ../shared/data is), else the cache beside the archives is used.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["METAKIT_CACHE"] = cache
+        from metakit.data import load_omniglot
+
+        start = time.perf_counter()
+        data = load_omniglot("train", root=args.root, image_size=args.size)
+        first = time.perf_counter() - start
+        again = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            load_omniglot("train", root=args.root, image_size=args.size)
+            again.append(time.perf_counter() - start)
+    print(f"{data}: first load (decode {args.size}x{args.size} + cache) {first:.1f} s; "
+          f"cached load median {statistics.median(again):.2f} s over {args.repeats}")
+
+
+if __name__ == "__main__":
+    main()

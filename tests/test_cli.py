@@ -107,3 +107,20 @@ def test_data_command_reports_completeness(tmp_path, capsys):
     if (SHARED_DATA / "omniglot" / "images_background.zip").exists():
         assert main(["data", "--root", str(SHARED_DATA)]) == 0
         assert "Omniglot is complete." in capsys.readouterr().out
+
+
+def test_fixed_head_learners_refuse_other_ways_before_work(config_file, tmp_path, capsys):
+    import yaml as _yaml
+    values = _yaml.safe_load(config_file.read_text())
+    values["algorithm"], values["model"] = "maml", {"hidden": 4}
+    values["train"].update(steps=1, meta_batch_size=2)
+    values["eval"]["ways"] = 2
+    path = tmp_path / "maml.yaml"
+    path.write_text(_yaml.safe_dump(values))
+    line = one_error_line(capsys, ["train", str(path), "--out", str(tmp_path / "r")])
+    assert "eval.ways = 2, but this maml learner has a 3-way classifier head" in line
+    assert not (tmp_path / "r").exists()
+    assert main(["train", str(path), "--set", "eval.ways=3", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    capsys.readouterr()
+    line = one_error_line(capsys, ["eval", str(tmp_path / "r"), "--ways", "2", "--episodes", "3"])
+    assert "--ways = 2, but this maml learner has a 3-way classifier head" in line

@@ -61,6 +61,7 @@ def cmd_eval(args) -> int:
     from .data import load_split, make_sampler
     from .data.sampler import check_episode
     from .engine import evaluate, load
+    from .engine.fit import check_ways
 
     learner = load(args.checkpoint)
     config = learner.config
@@ -69,6 +70,7 @@ def cmd_eval(args) -> int:
     s = eval_setting(config, args)
     dataset = load_split(config.data, s["split"], config.seed)
     if dataset is not None:
+        check_ways(learner, s["ways"], "--ways")
         check_episode(dataset, s["ways"], s["shots"], s["queries"])
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -65,7 +65,10 @@ def shots_ways_curve(learner, shots: list[int], ways: list[int], episodes: int =
     dataset = load_split(config.data, split or config.data.test_split, config.seed)
     if dataset is None:
         raise ValueError("accuracy against shots and ways needs a classification checkpoint")
+    from .engine.fit import check_ways
+
     for n in ways:  # every setting is checked before any is evaluated
+        check_ways(learner, n, "--ways")
         for k in shots:
             check_episode(dataset, n, k, queries)
     rows = []

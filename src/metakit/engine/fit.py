@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..algorithms import Learner
 from ..config import Config, dump_config
-from ..data import check_episode, load_split, make_sampler
+from ..data import EpisodeError, check_episode, load_split, make_sampler
 from . import checkpoint
 from .evaluate import evaluate
 
@@ -32,6 +32,14 @@ class FitResult:
     step: int
     best: dict | None
     elapsed: float
+
+
+def check_ways(learner: Learner, ways: int | None, what: str = "eval.ways") -> None:
+    """A learner with a fixed classifier head (the MAML family) takes tasks of its own number of ways only."""
+    fixed = getattr(learner, "ways", None)
+    if isinstance(fixed, int) and ways is not None and ways != fixed:
+        raise EpisodeError(f"{what} = {ways}, but this {learner.name} learner has a {fixed}-way classifier head "
+                           f"(train.ways); evaluate with {fixed} ways or train a {ways}-way model")
 
 
 class Experiment:
@@ -49,6 +57,8 @@ class Experiment:
         self.transform = self.train_set.transform if self.train_set is not None else {}
         torch.manual_seed(config.seed)
         self.learner = checkpoint.build_from_config(config)
+        if self.val_set is not None or self.train_set is None:
+            check_ways(self.learner, e.ways if self.train_set is not None else None)
 
     def train_sampler(self):
         t = self.config.train

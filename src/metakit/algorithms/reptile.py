@@ -1,0 +1,103 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms", Algorithm 2).
+
+For each task, ``k`` steps of an ordinary optimizer on the task's examples turn ``theta`` into
+``phi``; the meta-update moves ``theta`` towards ``phi``: ``theta <- theta + epsilon mean_i (phi_i - theta)``.
+Here that update is the gradient of the surrogate loss
+
+    0.5 * sum_params ||theta - stopgrad(phi)||^2, averaged over tasks,
+
+whose gradient w.r.t. ``theta`` is ``theta - phi``: the engine's optimizer sees ``theta - phi``,
+and plain SGD with learning rate ``epsilon`` is exactly Reptile's update. Nothing is
+differentiated through the inner loop.
+
+Defaults: the paper's Omniglot setting (appendix A): inner Adam with ``beta1 = 0`` and
+step 0.001, 5 inner steps on minibatches of 10 in training (the task's support set, 10 shots per
+class in the paper's 1-shot training), 50 steps on minibatches of 5 at test. The Adam moments
+start fresh for each task here (the reference code keeps them across tasks).
+Non-transductive evaluation by default (each query classified with the support set as its
+BatchNorm batch, ``transductive=False``), the paper's headline setting in its final version.
+``meta_loss`` reports the query loss and accuracy of the adapted weights in its metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..tasks import MetaOutput, TaskBatch
+from .base import register
+from .inner_loop import AdamRule, Params, SGDRule, UpdateRule, inner_step, parameters_of
+from .maml import MAML, InnerLoopOptions
+
+
+def minibatches(n: int, size: int, count: int):
+    """``count`` index tensors of ``size`` from ``range(n)``, drawn without replacement through
+    successive shuffles (as the reference does); ``None`` (the whole set) when ``size`` is 0 or >= ``n``."""
+    if size <= 0 or size >= n:
+        return [None] * count
+    order = torch.cat([torch.randperm(n) for _ in range(-(-count * size // n))])
+    return list(order[:count * size].view(count, size))
+
+
+@register("reptile")
+class Reptile(MAML):
+    """Reptile's meta-gradient ``theta - phi`` through a surrogate loss; any inner optimizer rule."""
+
+    @dataclass
+    class Options(InnerLoopOptions):
+        inner_steps: int = 5
+        inner_steps_test: int = 50
+        first_order: bool = True              # Reptile never differentiates through the inner loop
+        transductive: bool = False
+        inner_lr: float = 0.001
+        inner_lr_test: float | None = None    # None: inner_lr
+        inner_optimizer: str = "adam"         # adam (beta1 = 0, the paper) | sgd
+        inner_batch: int = 10                 # support examples per inner step in training; 0: all
+        inner_batch_test: int = 5             # the same at test
+
+    def __init__(self, options=None, in_channels: int = 1, image_size: int = 28, ways: int = 5,
+                 task: str = "classification", **_) -> None:
+        super().__init__(options, in_channels=in_channels, image_size=image_size, ways=ways, task=task)
+        if self.options.inner_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"reptile: model.inner_optimizer must be adam or sgd, "
+                             f"got {self.options.inner_optimizer!r}")
+
+    def update_rule(self, training: bool) -> UpdateRule:
+        o = self.options
+        lr = o.inner_lr if training or o.inner_lr_test is None else o.inner_lr_test
+        return AdamRule(lr, betas=(0.0, 0.999)) if o.inner_optimizer == "adam" else SGDRule(lr)
+
+    def adapt_params(self, support_x: Tensor, support_y: Tensor, training: bool, create_graph: bool = False) -> Params:
+        """``phi`` of one task (detached): ``k`` steps of the inner optimizer on support minibatches."""
+        size = self.options.inner_batch if training else self.options.inner_batch_test
+        steps = self.inner_steps(training)
+        rule, state = self.update_rule(training), {}
+        params = parameters_of(self.model)
+        for step, idx in enumerate(minibatches(support_x.shape[0], size, steps)):
+            x, y = (support_x, support_y) if idx is None else (support_x[idx], support_y[idx])
+            params = inner_step(self.model, params, x, y, self.support_loss, rule, step, state, self.adapt_names,
+                                first_order=True, create_graph=False)
+        return {k: v.detach() for k, v in params.items()}
+
+    def meta_loss(self, batch: TaskBatch) -> MetaOutput:
+        """Training: the surrogate ``0.5 ||theta - stopgrad(phi)||^2`` averaged over tasks; eval: the query loss.
+        Metrics and logits: the query predictions of the adapted weights ``phi``."""
+        self.check_batch(batch)
+        theta = parameters_of(self.model)
+        surrogates, losses, outs = [], [], []
+        for i in range(batch.meta_batch_size):
+            sx, sy = batch.support_x[i], batch.support_y[i]  # [N*K, C, H, W], [N*K]
+            phi = self.adapt_params(sx, sy, self.training)
+            if self.training:
+                surrogates.append(0.5 * sum((theta[k] - phi[k]).pow(2).sum() for k in theta))
+            with torch.no_grad():
+                out = self.outputs(phi, batch.query_x[i], sx)  # [M, N]
+                losses.append(self.query_loss(out, batch.query_y[i]))
+            outs.append(out)
+        query_loss, outs = torch.stack(losses).mean(), torch.stack(outs)
+        loss = torch.stack(surrogates).mean() if self.training else query_loss
+        metrics = self.metrics(query_loss, outs, batch)
+        if self.training:
+            metrics["surrogate"] = loss.item()
+        return MetaOutput(loss, outs, metrics)

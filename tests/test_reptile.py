@@ -1,0 +1,95 @@
+"""Reptile: the surrogate loss's gradient is theta - phi, with phi from torch.optim on a copy of the model."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metakit.algorithms import Reptile, build_learner
+from metakit.algorithms.inner_loop import AdamRule
+from metakit.algorithms.reptile import minibatches
+
+from gradient_reference import SIZE, WAYS, learner_grads, tiny_batch, tiny_options
+
+
+def tiny(**options):
+    torch.manual_seed(0)
+    return Reptile(tiny_options(Reptile, **options), image_size=SIZE, ways=WAYS).double()
+
+
+def phi_by_torch_optim(model, x, y, steps, make_optimizer):
+    """``steps`` full-batch steps of a torch optimizer on a deep copy of ``model``."""
+    model = copy.deepcopy(model)
+    opt = make_optimizer(model.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("inner_optimizer,make_optimizer", [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.0, 0.999))),
+])
+def test_gradient_is_theta_minus_phi_after_k_steps(inner_optimizer, make_optimizer):
+    lr = 0.1 if inner_optimizer == "sgd" else 0.01
+    learner = tiny(inner_optimizer=inner_optimizer, inner_lr=lr, inner_steps=3, inner_batch=0)
+    batch = tiny_batch(B=2, shots=2)
+    _, grads = learner_grads(learner, batch)
+    theta = {k: v.detach().clone() for k, v in learner.model.named_parameters()}
+    phis = [phi_by_torch_optim(learner.model, batch.support_x[i], batch.support_y[i], 3, make_optimizer)
+            for i in range(2)]
+    # Conv biases before BatchNorm have a zero gradient; Adam turns its round-off (1e-17) into steps
+    # of lr * g / eps ~ 1e-9, which differ between implementations: hence atol 1e-8 for Adam.
+    atol = 1e-12 if inner_optimizer == "sgd" else 1e-8
+    for k in theta:
+        expected = sum(theta[k] - phi[k].detach() for phi in phis) / 2
+        torch.testing.assert_close(grads[f"model.{k}"], expected, rtol=1e-7, atol=atol)
+    assert grads["model.head.weight"].abs().sum() > 0
+    # the module itself is untouched by the inner loop
+    assert all(torch.equal(theta[k], v) for k, v in learner.model.named_parameters())
+
+
+def test_meta_loss_reports_query_accuracy_and_evaluates_on_the_query_loss():
+    learner = tiny(inner_optimizer="sgd", inner_lr=0.1, inner_steps=2, inner_steps_test=4, inner_batch=0,
+                   inner_batch_test=0)
+    batch = tiny_batch(B=2)
+    out = learner.meta_loss(batch)
+    assert out.logits.shape == (2, 6, 3) and {"loss", "accuracy", "surrogate"} <= set(out.metrics)
+    assert out.loss.item() == pytest.approx(out.metrics["surrogate"])
+    learner.eval()
+    out = learner.meta_loss(batch)
+    assert out.loss.item() == pytest.approx(out.metrics["loss"])
+    predict = learner.adapt(batch.support_x[0], batch.support_y[0])
+    torch.testing.assert_close(predict(batch.query_x[0]), out.logits[0])
+
+
+def test_minibatches_draw_without_replacement_through_shuffles():
+    torch.manual_seed(0)
+    batches = minibatches(10, 4, 5)  # 20 draws: two shuffles of 0..9
+    assert [len(b) for b in batches] == [4] * 5
+    drawn = torch.cat(batches)
+    assert sorted(drawn[:10].tolist()) == list(range(10)) and sorted(drawn[10:].tolist()) == list(range(10))
+    assert minibatches(5, 5, 3) == [None] * 3 and minibatches(5, 0, 2) == [None] * 2
+
+
+def test_defaults_are_the_papers_omniglot_setting():
+    o = build_learner("reptile", None).options
+    assert (o.inner_optimizer, o.inner_lr, o.inner_steps, o.inner_steps_test, o.inner_batch, o.inner_batch_test,
+            o.transductive) == ("adam", 0.001, 5, 50, 10, 5, False)
+
+
+def test_adam_rule_equals_torch_adam_with_momentum():
+    torch.manual_seed(0)
+    w = torch.randn(5, dtype=torch.float64)
+    target = torch.randn(5, dtype=torch.float64)
+    ref = w.clone().requires_grad_()
+    opt = torch.optim.Adam([ref], lr=0.05, betas=(0.9, 0.99))
+    rule, state, params = AdamRule(0.05, betas=(0.9, 0.99)), {}, {"w": w}
+    for step in range(4):
+        opt.zero_grad()
+        (ref - target).pow(3).sum().backward()
+        opt.step()
+        params = rule.update(params, {"w": 3 * (params["w"] - target) ** 2}, step, state)
+    torch.testing.assert_close(params["w"], ref.detach(), rtol=1e-12, atol=1e-12)

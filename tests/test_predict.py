@@ -104,3 +104,21 @@ def test_shots_uses_the_first_k_images(trained):
     b = predict_images(learner, support, [queries], shots=2)
     assert [r["query"] for r in a] == [r["query"] for r in b]
     assert any(abs(a[i]["probabilities"]["class_09"] - b[i]["probabilities"]["class_09"]) > 1e-6 for i in range(9))
+
+
+def test_gradient_based_checkpoints_predict_each_query_on_its_own(trained, tmp_path):
+    """A MAML checkpoint (batch-statistics BatchNorm) works through the same path, and a query's
+    probabilities do not depend on which other queries come along."""
+    _, support, queries = trained
+    images = trained[0].parent / "images"
+    config = folder_config(images, steps=3, val_every=0)
+    config.update(algorithm="maml", model={"hidden": 8, "inner_steps_test": 2})
+    fit(from_dict(config), tmp_path / "maml", progress=False)
+    learner = metakit.load(tmp_path / "maml")
+    files = sorted(queries.iterdir())
+    together = predict_images(learner, support, files)
+    alone = [predict_images(learner, support, [f])[0] for f in files[:3]]
+    for a, t in zip(alone, together):
+        assert a["query"] == t["query"]
+        assert all(abs(a["probabilities"][k] - t["probabilities"][k]) < 1e-5 for k in a["probabilities"])
+    assert learner.options.transductive  # restored after prediction

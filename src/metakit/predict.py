@@ -8,6 +8,7 @@ size), so any size or colour works. Works for every learner that meets the contr
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +16,27 @@ import torch
 from .data import DataError, load_folder
 from .data.folder import IMAGE_SUFFIXES
 from .data.transforms import load_image
+
+
+@contextmanager
+def one_query_at_a_time(learner):
+    """Predictions that do not depend on which other queries come along.
+
+    A user's queries arrive alone or in arbitrary groups. Learners whose BatchNorm uses the
+    statistics of the current batch (the MAML family, as in the MAML reference) are evaluated
+    transductively in the papers' protocol; here they are switched to their non-transductive mode,
+    each query normalised together with the support set, for the duration of the block.
+    """
+    options = getattr(learner, "options", None)
+    if options is None or not hasattr(options, "transductive"):
+        yield learner
+        return
+    before = options.transductive
+    options.transductive = False
+    try:
+        yield learner
+    finally:
+        options.transductive = before
 
 
 def check_channels(x: torch.Tensor, transform: dict, what: str) -> None:
@@ -74,9 +96,10 @@ def predict_images(learner, support_dir: str | Path, queries: list[str | Path], 
     query_x = torch.stack(images).float() / 255  # [M, C, S, S]
     check_channels(support_x, learner.transform, "support")
     check_channels(query_x, learner.transform, "query")
-    predict = learner.adapt(support_x, support_y)
-    with torch.no_grad():
-        probs = predict(query_x).softmax(-1)  # [M, N]
+    with one_query_at_a_time(learner):
+        predict = learner.adapt(support_x, support_y)
+        with torch.no_grad():
+            probs = predict(query_x).softmax(-1)  # [M, N]
     return [{"query": str(f), "predicted": names[int(p.argmax())],
              "probabilities": {n: float(v) for n, v in zip(names, p)}} for f, p in zip(kept, probs)]
 

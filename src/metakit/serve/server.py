@@ -34,6 +34,7 @@ from PIL import Image
 
 from ..data.transforms import apply_transform, make_transform
 from ..engine.checkpoint import CheckpointError
+from ..predict import one_query_at_a_time
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
@@ -199,7 +200,8 @@ class Predictor:
         query_x = self.tensor(query)[None]  # [1, C, S, S]
         grad = torch.enable_grad() if getattr(self.learner, "grad_at_test", False) else torch.no_grad()
         with self.lock, grad:
-            logits = self.learner.adapt(support_x, support_y)(query_x)  # [1, N]
+            with one_query_at_a_time(self.learner):  # a lone query is normalised with the support set
+                logits = self.learner.adapt(support_x, support_y)(query_x)  # [1, N]
         logits = logits.detach().reshape(-1) if logits.dim() == 2 and logits.shape[0] == 1 else logits.detach()
         if logits.dim() != 1 or logits.numel() != len(labels):
             raise RequestError(400, f"the model gave {tuple(logits.shape)} scores for {len(labels)} classes: "

@@ -34,6 +34,17 @@ def main() -> None:
             again.append(time.perf_counter() - start)
     print(f"{data}: first load (decode {args.size}x{args.size} + cache) {first:.1f} s; "
           f"cached load median {statistics.median(again):.2f} s over {args.repeats}")
+    from metakit.data import EpisodeSampler
+
+    for shots in (1, 5):
+        sampler = EpisodeSampler(data, ways=60, shots=shots, queries=5, seed=0)
+        times = []
+        for _ in range(50):
+            start = time.perf_counter()
+            sampler.sample()
+            times.append(time.perf_counter() - start)
+        print(f"sampling one 60-way {shots}-shot 5-query episode: median {1000 * statistics.median(times):.2f} ms "
+              f"over 50")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import from_dict
 
 
-def demo_config(steps: int = 300, root: str | None = None) -> dict:
+def demo_config(steps: int = 800, root: str | None = None) -> dict:
     return {
         "name": "demo", "algorithm": "protonet", "seed": 0,
         "data": {"dataset": "omniglot", "scheme": "vinyals", "root": root},
@@ -22,7 +22,7 @@ def demo_config(steps: int = 300, root: str | None = None) -> dict:
     }
 
 
-def run_demo(out: Path, steps: int = 300, episodes: int = 600, root: str | None = None) -> int:
+def run_demo(out: Path, steps: int = 800, episodes: int = 600, root: str | None = None) -> int:
     from .data import load_split, make_sampler
     from .engine import evaluate, fit, load
     from .engine.fit import Experiment

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from metakit.algorithms import MAML
@@ -13,7 +14,8 @@ from metakit.engine import evaluate, fit
 from metakit.engine.checkpoint import build_from_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-GRADIENT = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("protonet"))
+GRADIENT = sorted(p for p in CONFIGS.rglob("*.yaml")
+                  if yaml.safe_load(p.read_text()).get("algorithm") in ("maml", "fomaml", "anil", "metasgd", "reptile"))
 
 
 def data_root() -> Path | None:

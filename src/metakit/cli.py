@@ -1,4 +1,4 @@
-"""The command line: ``metakit train | eval | demo | plot | data``.
+"""The command line: ``metakit train | eval | embed | demo | plot | data``.
 
 Bad input (a missing file, an unknown key, an impossible episode) exits with status 2 and one
 line saying what is wrong and how to fix it, before any work starts.
@@ -22,7 +22,7 @@ def _user_errors():
 
 def cmd_train(args) -> int:
     from .config import ConfigError, load_config
-    from .engine import fit
+    from .engine import distributed, fit
     from .engine.fit import Experiment
 
     config = load_config(args.config, args.set)
@@ -32,14 +32,31 @@ def cmd_train(args) -> int:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("--tensorboard needs the optional tensorboard package: pip install tensorboard") from None
+    if args.nproc is not None:  # launch N processes running this command without --nproc (torchrun)
+        if args.nproc < 1 or distributed.launched():
+            raise ConfigError("--nproc must be >= 1" if args.nproc < 1 else
+                              "--nproc starts the processes itself; under torchrun, leave it out")
+        distributed.Context(world_size=args.nproc).check_meta_batch(config.train.meta_batch_size)
+        Experiment(config)  # loads and checks data before any process starts
+        argv = ["train", args.config, *[a for o in args.set for a in ("--set", o)], "--out", str(out)]
+        argv += [f"--{flag}" for flag in ("restart", "quiet", "tensorboard") if getattr(args, flag)]
+        return distributed.launch(args.nproc, argv, out)
+    ctx = distributed.setup()  # under torchrun: joins the job
     experiment = Experiment(config)  # loads and checks data before any training
     try:
         result = fit(config, out, resume=not args.restart, progress=not args.quiet, experiment=experiment,
                      tensorboard=args.tensorboard)
     except KeyboardInterrupt:
-        print(f"interrupted; {out}/last.pt holds the last checkpoint: run the same command to resume",
-              file=sys.stderr)
+        if ctx.is_main:
+            print(f"interrupted; {out}/last.pt holds the last checkpoint: run the same command to resume",
+                  file=sys.stderr)
         return 130
+    except distributed.DistributedError as exc:
+        print(f"metakit train: {exc}. {distributed.resume_hint(out / 'last.pt')}", file=sys.stderr)
+        return 1
+    distributed.shutdown()  # leave the process group while every process is still there
+    if not ctx.is_main:
+        return 0
     best = result.best or {}
     score = {k: v for k, v in best.items() if k in ("accuracy", "mse", "ci95", "step")}
     print(f"trained {config.algorithm} for {result.step} steps in {result.elapsed:.0f} s; run folder {out}"
@@ -60,13 +77,16 @@ def cmd_eval(args) -> int:
 
     from .data import load_split, make_sampler
     from .data.sampler import check_episode
-    from .engine import evaluate, load
+    from .engine import distributed, load
     from .engine.fit import check_ways
 
-    learner = load(args.checkpoint)
+    ctx = distributed.setup()  # under torchrun: each process scores a share of the episodes
+    learner = load(args.checkpoint).to(ctx.device)
     config = learner.config
     if args.data_root:
         config.data.root = args.data_root
+    if args.protocol == "lake-within-alphabet":
+        return eval_lake(learner, config, args, ctx)
     s = eval_setting(config, args)
     dataset = load_split(config.data, s["split"], config.seed)
     if dataset is not None:
@@ -75,8 +95,10 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sampler = make_sampler(config.data, dataset, s["ways"], s["shots"], s["queries"], 1, s["seed"])
-    result = evaluate(learner, sampler, s["episodes"], progress=not args.json and sys.stderr.isatty(),
-                      desc=f"{s['ways']}-way {s['shots']}-shot")
+    result = ctx.evaluate(learner, sampler, s["episodes"], progress=not args.json and sys.stderr.isatty(),
+                          desc=f"{s['ways']}-way {s['shots']}-shot")
+    if not ctx.is_main:
+        return 0
     record = {"algorithm": config.algorithm, "dataset": config.data.dataset, "split": s["split"],
               "ways": s["ways"] if dataset is not None else None, "shots": s["shots"], "queries": s["queries"],
               "episodes": s["episodes"], "seed": s["seed"], **result, "checkpoint": str(args.checkpoint)}
@@ -90,6 +112,55 @@ def cmd_eval(args) -> int:
         print(f"{config.algorithm} on {config.data.dataset} {s['split']}, "
               + (f"{s['ways']}-way " if dataset is not None else "")
               + f"{s['shots']}-shot, {s['episodes']} episodes: {key} {value:.2f}{unit} ± {ci:.2f}{unit} (95% CI)")
+    return 0
+
+
+def eval_lake(learner, config, args, ctx) -> int:
+    """``metakit eval --protocol lake-within-alphabet``: Lake et al.'s 20-way one-shot within-alphabet error."""
+    import torch
+
+    from .engine.fit import check_ways
+    from .engine.protocols import LAKE_EPISODES, evaluate_lake
+
+    ways = args.ways or 20
+    check_ways(learner, ways, "--ways")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = evaluate_lake(learner, config.data, args.episodes or LAKE_EPISODES, ways, args.shots or 1,
+                           args.queries or 1, args.seed, progress=not args.json and sys.stderr.isatty(),
+                           evaluator=ctx.evaluate)
+    if not ctx.is_main:
+        return 0
+    record = {"algorithm": config.algorithm, **record, "checkpoint": str(args.checkpoint)}
+    if record["trained_on_evaluation_alphabets"]:
+        print(f"metakit eval: warning: this checkpoint was trained on the {config.data.scheme} split, which holds "
+              f"characters of the evaluation alphabets; train on data.scheme: lake (background) for a clean "
+              f"Lake protocol", file=sys.stderr)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        from .data.lake import PUBLISHED_LABELS
+        published = ", ".join(f"{PUBLISHED_LABELS.get(k, k)} {100 * v:.1f}%"
+                              for k, v in record["published_error"].items())
+        print(f"{config.algorithm}, Lake within-alphabet {ways}-way {record['shots']}-shot, {record['trials']} trials "
+              f"({record['episodes']} episodes over {record['alphabets']} alphabets): error "
+              f"{100 * record['error_rate']:.2f}% ± {100 * record['ci95']:.2f}% (95% CI), accuracy "
+              f"{100 * record['accuracy']:.2f}%; published error: {published}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .embedding import embedding_pictures
+    from .engine import load
+
+    learner = load(args.checkpoint)
+    if args.data_root:
+        learner.config.data.root = args.data_root
+    target = Path(args.checkpoint)
+    default = target / "embed" if target.is_dir() else target.with_name(target.stem + "_embed")
+    out = Path(args.out) if args.out else default
+    for path in embedding_pictures(learner, out, args.split, args.classes, args.queries, args.neighbours, args.seed):
+        print(f"written {path}")
     return 0
 
 
@@ -176,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<name>); an existing run there resumes")
     p.add_argument("--restart", action="store_true", help="start afresh even if the run folder has last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N processes on this machine, sharing each meta-batch (launches torchrun; "
+                        "one GPU each when CUDA is available)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log to RUN_DIR/tensorboard (needs the optional tensorboard package)")
     p.set_defaults(func=cmd_train)
@@ -191,11 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--protocol", choices=["episodes", "lake-within-alphabet"], default="episodes",
+                   help="episodes: N-way K-shot tasks from a split (default); lake-within-alphabet: Lake et al.'s "
+                        "20-way one-shot within one alphabet of the evaluation archive (episodes default 400)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("embed", help="pictures of a metric learner's embedding: PCA by class, closest support examples")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (protonet, siamese, matching)")
+    p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/embed or CHECKPOINT_embed)")
+    p.add_argument("--split", help="data split (default: the config's test split)")
+    p.add_argument("--classes", type=int, default=20, help="classes shown (default 20)")
+    p.add_argument("--queries", type=int, default=8, help="rows of the closest-support grid")
+    p.add_argument("--neighbours", type=int, default=5, help="closest support examples per query")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("demo", help="a short meta-training and evaluation with a learning-curve plot")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")
     p.set_defaults(func=cmd_demo)

@@ -4,7 +4,9 @@ from __future__ import annotations
 from .base import ClassDataset
 from .download import DataError, data_root
 from .folder import list_classes, load_folder, split_classes
+from .lake import LakeSampler, lake_sampler
 from .omniglot import load_omniglot
+from .pairs import PairSampler
 from .sampler import EpisodeError, EpisodeSampler, check_episode
 from .sinusoid import SinusoidSampler
 from .transforms import apply_transform, load_image, make_transform
@@ -53,6 +55,6 @@ def make_sampler(data, dataset: ClassDataset | None, ways: int, shots: int, quer
     return EpisodeSampler(dataset, ways, shots, queries, meta_batch_size, seed)
 
 
-__all__ = ["ClassDataset", "DataError", "EpisodeError", "EpisodeSampler", "SinusoidSampler", "apply_transform",
-           "check_episode", "data_root", "load_folder", "load_image", "load_omniglot", "load_split",
-           "make_sampler", "make_transform", "split_classes"]
+__all__ = ["ClassDataset", "DataError", "EpisodeError", "EpisodeSampler", "LakeSampler", "PairSampler",
+           "SinusoidSampler", "apply_transform", "check_episode", "data_root", "lake_sampler", "load_folder",
+           "load_image", "load_omniglot", "load_split", "make_sampler", "make_transform", "split_classes"]

@@ -34,6 +34,40 @@ def per_task_scores(learner: Learner, batch) -> torch.Tensor:
     return (out.logits.detach() - batch.query_y).pow(2).flatten(1).mean(1)
 
 
+def episode_scores(learner: Learner, sampler, episodes: int, batch: int | None = None, progress: bool = False,
+                   desc: str = "evaluating", part: tuple[int, int] | None = None) -> torch.Tensor:
+    """Scores ``[hi - lo]`` of episodes ``lo..hi-1`` (``part``; default all) of the ``episodes`` drawn
+    from ``sampler``: the episodes before ``lo`` are drawn and skipped, so a part's episodes are
+    those of a whole run (how :mod:`.distributed` shares evaluation across processes)."""
+    lo, hi = part or (0, episodes)
+    ways = getattr(sampler, "ways", None)
+    batch = batch or auto_batch(ways, sampler.shots, sampler.queries)
+    device = next(learner.parameters(), torch.empty(0)).device
+    for _ in range(lo):
+        sampler.sample(1)
+    was_training = learner.training
+    learner.eval()
+    scores = [torch.empty(0)]
+    grad = torch.enable_grad() if learner.grad_at_test else torch.no_grad()
+    try:
+        with grad, tqdm(total=hi - lo, desc=desc, disable=not progress, leave=False) as bar:
+            left = hi - lo
+            while left > 0:
+                b = min(batch, left)
+                tasks = cat_batches([sampler.sample(1) for _ in range(b)]).to(device)
+                scores.append(per_task_scores(learner, tasks).cpu())
+                left -= b
+                bar.update(b)
+    finally:
+        learner.train(was_training)
+    return torch.cat(scores)
+
+
+def summarize(scores: torch.Tensor, ways: int | None) -> dict:
+    mean, ci = mean_ci95(scores)
+    return {"accuracy" if ways is not None else "mse": mean, "ci95": ci, "episodes": scores.numel()}
+
+
 def evaluate(learner: Learner, sampler, episodes: int, batch: int | None = None, progress: bool = False,
              desc: str = "evaluating") -> dict:
     """Score ``learner`` on ``episodes`` tasks from ``sampler`` (seeded: the same tasks each time).
@@ -41,23 +75,5 @@ def evaluate(learner: Learner, sampler, episodes: int, batch: int | None = None,
     Episodes are drawn one at a time, so they do not depend on ``batch`` (how many are
     scored per forward pass). Returns ``{"accuracy" or "mse": mean, "ci95": half-width, "episodes": n}``.
     """
-    ways = getattr(sampler, "ways", None)
-    batch = batch or auto_batch(ways, sampler.shots, sampler.queries)
-    was_training = learner.training
-    learner.eval()
-    scores = []
-    grad = torch.enable_grad() if learner.grad_at_test else torch.no_grad()
-    try:
-        with grad, tqdm(total=episodes, desc=desc, disable=not progress, leave=False) as bar:
-            left = episodes
-            while left > 0:
-                b = min(batch, left)
-                tasks = cat_batches([sampler.sample(1) for _ in range(b)])
-                scores.append(per_task_scores(learner, tasks))
-                left -= b
-                bar.update(b)
-    finally:
-        learner.train(was_training)
-    mean, ci = mean_ci95(torch.cat(scores))
-    key = "accuracy" if ways is not None else "mse"
-    return {key: mean, "ci95": ci, "episodes": episodes}
+    scores = episode_scores(learner, sampler, episodes, batch, progress, desc)
+    return summarize(scores, getattr(sampler, "ways", None))

@@ -4,7 +4,9 @@ A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON line per logged 
 validation), ``last.pt`` (everything needed to resume: weights, optimizer, schedule, sampler
 and RNG states) and ``best.pt`` (the weights with the best validation score). Checkpoints
 are written atomically; starting the same command on a run folder that has ``last.pt``
-resumes where it stopped and gives the same result as an uninterrupted run.
+resumes where it stopped and gives the same result as an uninterrupted run. Launched by
+``torchrun``, the same loop runs on every process, each on its share of the meta-batch
+(:mod:`.distributed`); rank 0 alone writes the run folder.
 """
 from __future__ import annotations
 
@@ -21,8 +23,7 @@ from tqdm import tqdm
 from ..algorithms import Learner
 from ..config import Config, dump_config
 from ..data import EpisodeError, check_episode, load_split, make_sampler
-from . import checkpoint
-from .evaluate import evaluate
+from . import checkpoint, distributed
 
 
 @dataclass
@@ -89,13 +90,17 @@ class GracefulStop:
     """Turns Ctrl-C / SIGTERM into a flag checked between steps, so the checkpoint written on the
     way out is consistent (a second Ctrl-C stops at once, losing only the steps since the last one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 0.0) -> None:
         self.requested = False
         self._previous = {}
+        self._grace = grace  # seconds after the first signal during which a second one is ignored
+        self._first = 0.0
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and time.monotonic() - self._first >= self._grace:
             raise KeyboardInterrupt
+        if not self.requested:
+            self._first = time.monotonic()
         self.requested = True
 
     def __enter__(self):
@@ -131,13 +136,17 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
     """Meta-train ``config`` in ``run_dir``; resume from ``run_dir/last.pt`` when present.
 
     With ``tensorboard``, every line of ``metrics.jsonl`` is also written as TensorBoard scalars.
+    Under ``torchrun`` the processes share each meta-batch (:mod:`.distributed`).
     """
     run_dir = Path(run_dir)
     t = config.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
+    ctx = distributed.setup()
+    ctx.check_meta_batch(t.meta_batch_size)
+    main = ctx.is_main
     exp = experiment or Experiment(config)
-    learner = exp.learner
+    learner = exp.learner.to(ctx.device)
     sampler = exp.train_sampler()
     optimizer = make_optimizer(learner, t)
     scheduler = make_scheduler(optimizer, t)
@@ -147,8 +156,9 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
     running = {"n": 0, "loss": 0.0, "score": 0.0, "tasks": 0, "time": 0.0}
 
     last = run_dir / "last.pt"
-    if resume and last.exists():
-        state = checkpoint.read(last)
+    # rank 0 reads the run folder and sends what it found to the others
+    state = ctx.broadcast_object(checkpoint.read(last) if main and resume and last.exists() else None)
+    if state is not None:
         if state["config"] != config.to_dict():
             raise checkpoint.CheckpointError(
                 f"{run_dir} holds a run with another config; use another --out folder, or the same config to resume")
@@ -158,20 +168,27 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
         step, best, elapsed, running = state["step"], state["best"], state["elapsed"], state["running"]
-        _trim_metrics(run_dir / "metrics.jsonl", step)
-    else:
+        if main:
+            _trim_metrics(run_dir / "metrics.jsonl", step)
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text("")
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    if main:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    ctx.broadcast_module(learner)  # the same weights everywhere, whatever each process built
 
     def save_last():
+        if not main:
+            return
         checkpoint.save(last, learner, config, exp.transform, step=step, best=best, elapsed=elapsed,
                         running=running, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         sampler=sampler.state_dict(), rng=torch.get_rng_state())
 
-    writer = summary_writer(run_dir) if tensorboard else None
+    writer = summary_writer(run_dir) if tensorboard and main else None
 
     def log(record: dict):
+        if not main:
+            return
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
@@ -180,23 +197,26 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
                     writer.add_scalar(key, value, record["step"])
 
     learner.train()
-    bar = tqdm(total=t.steps, initial=step, desc=f"meta-training {config.algorithm}", disable=not progress,
-               dynamic_ncols=True)
-    with GracefulStop() as stop:
+    bar = tqdm(total=t.steps, initial=step, desc=f"meta-training {config.algorithm}",
+               disable=not (progress and main), dynamic_ncols=True)
+    # several processes: the terminal's Ctrl-C and torchrun's forwarded one arrive together, count as one
+    with GracefulStop(grace=2.0 if ctx.distributed else 0.0) as stop:
         while step < t.steps:
             start = time.perf_counter()
-            batch = sampler.sample()
-            out = learner.meta_loss(batch)
+            batch = sampler.sample()  # the whole meta-batch, on every process
+            before = ctx.begin_step(learner, step)
+            out = learner.meta_loss(ctx.shard_batch(batch))  # this process's tasks
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            metrics = ctx.finish_step(learner, out.metrics, batch.meta_batch_size, before)  # all-reduce
             optimizer.step()
             scheduler.step()
             step += 1
             took = time.perf_counter() - start
             elapsed += took
             running["n"] += 1
-            running["loss"] += out.metrics["loss"]
-            running["score"] += out.metrics.get(score_key, 0.0)
+            running["loss"] += metrics["loss"]
+            running["score"] += metrics.get(score_key, 0.0)
             running["tasks"] += batch.meta_batch_size
             running["time"] += took
             if step % t.log_every == 0 or step == t.steps:
@@ -210,26 +230,30 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
                 running = {"n": 0, "loss": 0.0, "score": 0.0, "tasks": 0, "time": 0.0}
             if exp.val_set is not None or (exp.train_set is None and t.val_every > 0):
                 if step % t.val_every == 0 or step == t.steps:
-                    result = evaluate(learner, exp.val_sampler(), t.val_episodes)
+                    result = ctx.evaluate(learner, exp.val_sampler(), t.val_episodes)
                     record = {"step": step, f"val_{score_key}": result[score_key], "val_ci95": result["ci95"]}
                     log(record)
                     better = best is None or (result[score_key] > best[score_key] if higher_is_better
                                               else result[score_key] < best[score_key])
                     if better:
                         best = {"step": step, score_key: result[score_key], "ci95": result["ci95"]}
-                        checkpoint.save(run_dir / "best.pt", learner, config, exp.transform, step=step, best=best)
-                    bar.write(f"step {step}: val {score_key} {result[score_key]:.4f} ± {result['ci95']:.4f}"
-                              f" (best {best[score_key]:.4f} at step {best['step']})")
+                        if main:
+                            checkpoint.save(run_dir / "best.pt", learner, config, exp.transform, step=step,
+                                            best=best)
+                    if main:
+                        bar.write(f"step {step}: val {score_key} {result[score_key]:.4f} ± {result['ci95']:.4f}"
+                                  f" (best {best[score_key]:.4f} at step {best['step']})")
             if step % t.checkpoint_every == 0 or step == t.steps:
                 save_last()
             bar.update(1)
-            if stop.requested:
+            if ctx.any(stop.requested):  # every process stops after the same step
                 save_last()
                 bar.close()
                 raise KeyboardInterrupt
     bar.close()
     if writer is not None:
         writer.close()
-    if best is None:
+    if best is None and main:
         checkpoint.save(run_dir / "best.pt", learner, config, exp.transform, step=step, best=best)
+    ctx.barrier()  # every process leaves once rank 0 has written the run folder
     return FitResult(learner, run_dir, step, best, elapsed)

@@ -28,6 +28,11 @@ Choices, against the reference implementation (github.com/cbfinn/maml):
 - The reference's BatchNorm has an offset but no scale and does not adapt it in the inner loop;
   here BatchNorm's scale and offset are parameters like the others and adapt with them.
 
+A whole meta-batch adapts at once by default (``batched``; :mod:`metakit.algorithms.batched`:
+grouped convolutions, BatchNorm statistics per task), with the numbers of the plain loop over
+tasks (``batched=False``), which stays for the settings the batched path does not know
+(``bn="running"``, non-transductive evaluation, other layers or update rules).
+
 Training and test may take different numbers of steps and step sizes (``inner_steps`` 1 in
 training, ``inner_steps_test`` 3 at test on 5-way Omniglot).
 """
@@ -44,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..nn import MLP, Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
+from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, layout_for, plan
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
 CHOICES = {"adapt": ("all", "head"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"),
@@ -63,6 +69,7 @@ class InnerLoopOptions:
     bn: str = "batch"                 # batch: current-batch statistics, training and test | running
     inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the reference: N x mean)
     transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
+    batched: bool = True              # adapt the meta-batch at once (algorithms/batched.py); False: a loop over tasks, same numbers
 
 
 def check_options(options, name: str) -> None:
@@ -162,10 +169,18 @@ class MAML(Learner):
     def task_outputs(self, batch: TaskBatch, training: bool) -> tuple[Tensor, Tensor]:
         """Query loss ``[B]`` and outputs ``[B, M, N]`` (or ``[B, Q, 1]``) of each adapted task.
 
-        A plain loop over the tasks; a batched path replaces this method and must return the
-        same numbers. ``training``: the training schedule and the graph back to ``theta``;
-        otherwise the test schedule, nothing recorded, detached results.
+        ``training``: the training schedule and the graph back to ``theta``; otherwise the test
+        schedule, nothing recorded, detached results. With ``batched`` (and a model, rule and
+        setting the batched path knows, see :meth:`batched_unsupported`) the whole meta-batch
+        adapts at once (:mod:`metakit.algorithms.batched`); otherwise a plain loop over the tasks.
+        Both give the same numbers.
         """
+        if self.options.batched and self.batched_unsupported(training) is None:
+            return batched_task_outputs(plan(self.model), parameters_of(self.model), batch.support_x,
+                                        batch.support_y, batch.query_x, batch.query_y, self.support_loss,
+                                        self.query_loss, self.update_rule(training), self.inner_steps(training),
+                                        self.adapt_names, self.options.first_order, training,
+                                        **layout_for(batch.query_x))
         losses, outs = [], []
         for i in range(batch.meta_batch_size):
             sx, sy = batch.support_x[i], batch.support_y[i]  # [N*K, C, H, W], [N*K]
@@ -175,6 +190,27 @@ class MAML(Learner):
                 losses.append(self.query_loss(out, batch.query_y[i]))
             outs.append(out)
         return torch.stack(losses), torch.stack(outs)
+
+    def batched_unsupported(self, training: bool) -> str | None:
+        """Why the batched path cannot run this setting (the loop then does), or None.
+
+        It needs: a model made of the layers :func:`~metakit.algorithms.batched.plan` knows (Conv4,
+        MLP; BatchNorm on batch statistics, ``bn="batch"``), a coordinate-wise update rule (SGD,
+        Meta-SGD's, Adam), transductive evaluation when BatchNorm uses batch statistics, and this
+        class's own ``adapt_params`` and ``outputs`` (a subclass that changes them keeps the loop).
+        """
+        rule = self.update_rule(training)
+        if not isinstance(rule, COORDINATEWISE_RULES):
+            return f"the update rule {type(rule).__name__} is not known to act coordinate-wise"
+        if type(self).adapt_params is not MAML.adapt_params or type(self).outputs is not MAML.outputs:
+            return f"{type(self).__name__} changes adapt_params or outputs"
+        if not training and not self.options.transductive and self.uses_batch_statistics():
+            return "non-transductive evaluation normalises each query with the support set, one pass per query"
+        try:
+            plan(self.model)
+        except Unsupported as e:
+            return str(e)
+        return None
 
     def check_batch(self, batch: TaskBatch) -> None:
         if (self.ways is None) != (batch.ways is None):

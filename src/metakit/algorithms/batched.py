@@ -1,0 +1,329 @@
+"""Batched adaptation: a whole meta-batch of tasks through the inner loop at once, with the numbers of the loop.
+
+MAML's meta-objective (Finn et al. 2017, eq. 2-3) is a sum over tasks of independent inner loops
+(eq. 1), ``theta'_b = theta - alpha grad L_support_b(f_theta)``, so the tasks of a meta-batch can
+run side by side as one computation, each with its own weights after the first step. The
+layout that makes every layer one call for all ``B`` tasks, with each task seeing only its own
+examples, is the *grouped* one:
+
+- images ``[B, M, C, H, W]`` are laid out as ``[M, B*C, H, W]``: task ``b`` owns channels
+  ``b*C .. (b+1)*C - 1``;
+- a convolution with per-task weights ``[B, C_out, C_in, k, k]`` is one grouped convolution
+  (weight ``[B*C_out, C_in, k, k]``, ``groups=B``): group ``b`` sees only task ``b``'s channels;
+- BatchNorm on batch statistics is one ``batch_norm`` over ``B*C`` channels: the mean and
+  variance of channel ``(b, c)`` are taken over ``(M, H, W)``, task ``b``'s own examples only,
+  exactly the statistics of the loop's per-task batch; its scale and offset are ``[B*C]``;
+- max-pool and ReLU act per channel, as they are;
+- after ``Flatten`` features are ``[B, M, F]`` and a linear layer with per-task weights
+  ``[B, O, F]`` is one ``torch.baddbmm``.
+
+The first inner step starts every task from the same ``theta``: it is expanded to ``[B, ...]``
+(a view), and the gradient of the summed support losses with respect to that view is the stack
+of the per-task gradients, since task ``b``'s loss depends on block ``b`` only. Everything else
+is :func:`metakit.algorithms.inner_loop.adapt`'s recipe (the same update rules, which act
+coordinate-wise and so broadcast over the task dimension; first order; detached inference).
+Parameters that do not adapt (ANIL's body, Raghu et al. 2020) stay shared, and the layers before
+the first adapted one are computed once per support and query set instead of once per step.
+
+What was measured (``benchmarks/speed.py``; second-order MAML, Conv4 64 filters, 5-way 1-shot
+28x28, 15 queries per class, meta-batch 32, 1 thread, process CPU time per meta-iteration, the
+loop at about 3.6-3.8 s) and what it decided, in :func:`layout_for`:
+
+- support passes grouped over the whole meta-batch, NCHW: as fast as the loop's (about 0.96 s);
+  in chunks of 4, 8 or 16 tasks: the same within noise; grouped in channels-last: 2.5x slower
+  (the double backward mixes layouts);
+- query passes grouped over the whole meta-batch: 5.7 s, far slower than the loop: a
+  ``[75, 2048, 28, 28]`` activation (480 MB) falls out of the caches, and every BatchNorm,
+  max-pool and ReLU pass then runs at memory speed (a ReLU 7x slower per element than on one
+  task's 15 MB). Chunks of 4 or 8 tasks: 3.0-3.8 s (channels-last), 4.5 s (NCHW); one or two
+  tasks per call in channels-last: the fastest, 2.6-2.7 s in all. So on CPU the query pass
+  (95% of the FLOPs) runs task by task, channels-last, and the batch is what the support pass
+  and the parameter updates share;
+- channels-last with one input channel: every stride is both layouts', the convolution answers
+  in NCHW and the max-pool after it is 10x slower: :func:`_in_format` sets the strides;
+- ``torch.compile`` of the query pass (first order; second order would need a double backward
+  through compiled code, which AOTAutograd does not give): 1.26x slower than eager here, plus a
+  19 s compile;
+- ``torch.func.vmap`` is not used: over ``nn.BatchNorm2d`` it gives a wrong second-order
+  meta-gradient on torch 2.13, and it is slow on CPU (issue 3).
+
+On a GPU the caches argument does not hold and :func:`layout_for` keeps the whole meta-batch in
+one call (not measured here: no GPU on this machine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .inner_loop import AdamRule, LossFn, MetaSGDRule, Params, SGDRule, UpdateRule
+
+# Update rules that act coordinate-wise (each new value from the same coordinate of the params,
+# grads and state), so that they broadcast over a leading task dimension unchanged.
+COORDINATEWISE_RULES: tuple[type, ...] = (SGDRule, MetaSGDRule, AdamRule)
+
+
+class Unsupported(ValueError):
+    """The model has a layer (or a setting) the batched path does not know; the loop handles it."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One step of the network: ``kind`` in conv, bn, maxpool, relu, flatten, linear; ``prefix``
+    names its parameters in ``model.named_parameters()`` (``prefix.weight``, ``prefix.bias``)."""
+    kind: str
+    prefix: str = ""
+    module: nn.Module | None = None
+
+    @property
+    def param_names(self) -> list[str]:
+        if self.module is None:
+            return []
+        return [f"{self.prefix}.{n}" if self.prefix else n for n, _ in self.module.named_parameters(recurse=False)]
+
+
+def _leaf(name: str, m: nn.Module) -> Layer:
+    # exact types: a subclass may have its own forward
+    if type(m) is nn.Conv2d:
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise Unsupported(f"{name}: only zero-padded, ungrouped Conv2d with numeric padding")
+        return Layer("conv", name, m)
+    if type(m) is nn.BatchNorm2d:
+        if m.track_running_stats:
+            raise Unsupported(f"{name}: BatchNorm with running statistics (bn=running) runs in the loop")
+        return Layer("bn", name, m)
+    if type(m) is nn.MaxPool2d:
+        if m.return_indices:
+            raise Unsupported(f"{name}: MaxPool2d(return_indices=True)")
+        return Layer("maxpool", name, m)
+    if type(m) is nn.ReLU:
+        return Layer("relu", name)
+    if type(m) is nn.Flatten:
+        if m.start_dim != 1 or m.end_dim != -1:
+            raise Unsupported(f"{name}: only Flatten(1, -1)")
+        return Layer("flatten", name)
+    if type(m) is nn.Linear:
+        return Layer("linear", name, m)
+    raise Unsupported(f"{name or 'the model'}: {type(m).__name__} is not a layer the batched path knows")
+
+
+def plan(model: nn.Module) -> list[Layer]:
+    """The layers of ``model`` in the order its ``forward`` runs them.
+
+    Known containers: :class:`~metakit.nn.Conv4` (``features``, flatten, optional ``head``),
+    :class:`~metakit.nn.MLP` (``net``) and ``nn.Sequential``; leaves: ``Conv2d``, ``BatchNorm2d``
+    on batch statistics, ``MaxPool2d``, ``ReLU``, ``Flatten``, ``Linear``. Anything else raises
+    :class:`Unsupported`.
+    """
+    from ..nn import MLP, Conv4
+
+    def walk(name: str, m: nn.Module) -> list[Layer]:
+        join = (lambda child: f"{name}.{child}" if name else child)
+        if type(m) is Conv4:
+            layers = walk(join("features"), m.features) + [Layer("flatten", join("flatten"))]
+            return layers + (walk(join("head"), m.head) if m.head is not None else [])
+        if type(m) is MLP:
+            return walk(join("net"), m.net)
+        if type(m) is nn.Sequential:
+            return [layer for child, sub in m.named_children() for layer in walk(join(child), sub)]
+        return [_leaf(name, m)]
+
+    layers = walk("", model)
+    covered = [n for layer in layers for n in layer.param_names]
+    if sorted(covered) != sorted(n for n, _ in model.named_parameters()):
+        raise Unsupported("the model's parameters are not all used by the layers the batched path found")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------
+# the forward pass over a meta-batch
+
+def _per_task(value: Tensor | None, module_param: Tensor | None, B: int) -> Tensor | None:
+    """``[B, *shape]`` for a parameter that is either per task already or shared (``[*shape]``)."""
+    if value is None:
+        return None
+    return value if value.dim() == module_param.dim() + 1 else value.expand(B, *value.shape)
+
+
+def _conv(layer: Layer, p: Params, x: Tensor, B: int) -> Tensor:
+    """x ``[M, B*C_in, H, W]`` -> ``[M, B*C_out, H', W']``, task ``b`` with its own weight."""
+    m = layer.module
+    w = _per_task(p[f"{layer.prefix}.weight"], m.weight, B)  # [B, C_out, C_in, k, k]
+    b = _per_task(p.get(f"{layer.prefix}.bias"), m.bias, B)  # [B, C_out]
+    return F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+                    m.stride, m.padding, m.dilation, groups=B)
+
+
+def _bn(layer: Layer, p: Params, x: Tensor, B: int) -> Tensor:
+    """Batch statistics per (task, channel) over ``(M, H, W)``: x ``[M, B*C, H, W]``."""
+    m = layer.module
+    w = _per_task(p.get(f"{layer.prefix}.weight"), m.weight, B)  # [B, C]
+    b = _per_task(p.get(f"{layer.prefix}.bias"), m.bias, B)
+    return F.batch_norm(x, None, None, None if w is None else w.reshape(-1), None if b is None else b.reshape(-1),
+                        training=True, momentum=0.0, eps=m.eps)
+
+
+def _linear(layer: Layer, p: Params, x: Tensor, B: int) -> Tensor:
+    """x ``[B, M, F]`` -> ``[B, M, O]``."""
+    m = layer.module
+    w, b = p[f"{layer.prefix}.weight"], p.get(f"{layer.prefix}.bias")
+    if w.dim() == 2 and (b is None or b.dim() == 1):  # shared by all tasks
+        return F.linear(x, w, b)
+    w = _per_task(w, m.weight, B)  # [B, O, F]
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(_per_task(b, m.bias, B).unsqueeze(1), x, w.transpose(1, 2))
+
+
+def to_grouped(x: Tensor) -> Tensor:
+    """``[B, M, C, H, W]`` -> ``[M, B*C, H, W]``."""
+    B, M = x.shape[:2]
+    return x.transpose(0, 1).reshape(M, B * x.shape[2], *x.shape[3:])
+
+
+def _in_format(x: Tensor, memory_format: torch.memory_format | None) -> Tensor:
+    """``x`` in ``memory_format``. One channel is a special case: every stride is then both
+    layouts' and ``contiguous`` keeps NCHW strides, so the convolution would answer in NCHW
+    (a 10x slower max-pool after it here); the strides are set to say channels-last."""
+    if memory_format is None or x.dim() != 4:
+        return x
+    x = x.contiguous(memory_format=memory_format)
+    if memory_format == torch.channels_last and x.shape[1] == 1:
+        x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(3) * x.shape[3], x.stride(3)))
+    return x
+
+
+def run_layers(layers: Iterable[Layer], params: Params, x: Tensor, B: int,
+               memory_format: torch.memory_format | None = None) -> Tensor:
+    """The layers on a meta-batch. ``x``: images in the grouped layout ``[M, B*C, H, W]`` or features
+    ``[B, M, F]``; returns the same kinds. ``params[name]``: ``[B, *shape]`` per task or ``[*shape]`` shared.
+    ``memory_format``: that of every convolution's output (None: what the convolution gives)."""
+    x = _in_format(x, memory_format)
+    for layer in layers:
+        if layer.kind == "conv":
+            x = _conv(layer, params, x, B)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+        elif layer.kind == "bn":
+            x = _bn(layer, params, x, B)
+        elif layer.kind == "maxpool":
+            m = layer.module
+            x = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        elif layer.kind == "relu":
+            x = F.relu(x)
+        elif layer.kind == "flatten":
+            if x.dim() == 4:  # [M, B*C, h, w] -> [B, M, C*h*w]
+                x = x.reshape(x.shape[0], B, -1).transpose(0, 1)
+            else:  # [B, M, ...]
+                x = x.flatten(2)
+        elif layer.kind == "linear":
+            if x.dim() == 4:
+                raise Unsupported("a Linear layer on images needs a Flatten before it")
+            x = _linear(layer, params, x, B)
+    return x
+
+
+def enter(x: Tensor) -> Tensor:
+    """A meta-batch of inputs ``[B, M, ...]`` in the layout :func:`run_layers` takes: images
+    ``[B, M, C, H, W]`` grouped, anything else ``[B, M, F...]`` as it is."""
+    return to_grouped(x) if x.dim() == 5 else x
+
+
+def leave(x: Tensor, B: int) -> Tensor:
+    """Outputs back to ``[B, M, ...]``."""
+    if x.dim() == 4:  # a network that ends on images
+        return x.reshape(x.shape[0], B, -1, *x.shape[2:]).transpose(0, 1)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# the inner loop over a meta-batch
+
+def _split(layers: list[Layer], adapt_names: set[str]) -> int:
+    """Index of the first layer with an adapted parameter: the layers before it are fixed during adaptation."""
+    for i, layer in enumerate(layers):
+        if any(n in adapt_names for n in layer.param_names):
+            return i
+    return len(layers)
+
+
+def task_losses(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
+    """``[B]``: ``loss_fn`` of each task (the loop's own per-task loss, so its scale is the same)."""
+    return torch.stack([loss_fn(out[b], y[b]) for b in range(out.shape[0])])
+
+
+def _chunks(B: int, size: int | None) -> list[slice]:
+    size = B if not size or size >= B else size
+    return [slice(s, min(s + size, B)) for s in range(0, B, size)]
+
+
+def _take(params: Params, theta: Params, s: slice) -> Params:
+    """Tasks ``s`` of per-task parameters; shared ones as they are."""
+    return {k: v[s] if v.dim() == theta[k].dim() + 1 else v for k, v in params.items()}
+
+
+def layout_for(x: Tensor) -> dict:
+    """The settings of :func:`batched_task_outputs` measured fastest for query inputs like ``x``
+    ``[B, M, ...]`` (see the module's docstring): on CPU, images take the query pass one task at a
+    time in channels-last; everything else (GPU, vectors) takes the whole meta-batch at once."""
+    if x.device.type == "cpu" and x.dim() == 5:
+        return {"query_chunk": 1, "channels_last": True}
+    return {}
+
+
+def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, support_y: Tensor,
+                         query_x: Tensor, query_y: Tensor, support_loss: LossFn, query_loss: LossFn,
+                         rule: UpdateRule, steps: int, adapt_names: Iterable[str], first_order: bool,
+                         training: bool, support_chunk: int | None = None, query_chunk: int | None = None,
+                         channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """Query losses ``[B]`` and outputs ``[B, M, N]`` of every task after ``steps`` inner updates.
+
+    The numbers of ``MAML.task_outputs``'s loop (eq. 1 per task, then the query loss, eq. 2):
+    ``support_x [B, N*K, ...]``, ``support_y [B, N*K]``, ``query_x [B, M, ...]``, ``query_y [B, M]``;
+    ``theta``: the meta-parameters ``{name: [*shape]}``. ``training``: the graph back to ``theta``
+    (second order unless ``first_order``); otherwise inference, detached results.
+    ``support_chunk`` / ``query_chunk``: tasks per grouped call in the support / query passes
+    (None: all ``B``); ``channels_last``: the query pass in channels-last memory format.
+    """
+    names = [n for n in theta if n in set(adapt_names)]
+    B = support_x.shape[0]
+    grad_ctx = torch.enable_grad() if training else torch.no_grad()
+    if not training:
+        theta = {k: v.detach() for k, v in theta.items()}
+    cut = _split(layers, set(names))
+    fixed, adapted = layers[:cut], layers[cut:]
+    support_parts = _chunks(B, support_chunk)
+    with grad_ctx:  # the layers that do not adapt: once, not once per step
+        support_h = [run_layers(fixed, theta, enter(support_x[s]), s.stop - s.start) for s in support_parts]
+    params = dict(theta)
+    state: dict = {}
+    for step in range(steps):
+        with torch.enable_grad():
+            fast = {}
+            for k in names:
+                v = params[k]
+                if not training or not v.requires_grad:  # inference: every step from detached leaves
+                    v = v.detach().requires_grad_()
+                fast[k] = v.expand(B, *v.shape) if v.dim() == theta[k].dim() else v  # [B, *shape]
+            current = {**params, **fast}
+            losses = torch.cat([task_losses(support_loss, leave(run_layers(
+                adapted, _take(current, theta, s), h, s.stop - s.start), s.stop - s.start), support_y[s])
+                for s, h in zip(support_parts, support_h)])  # [B]
+            state["loss"] = losses.detach()
+            grads = torch.autograd.grad(losses.sum(), [fast[k] for k in names],
+                                        create_graph=training and not first_order, materialize_grads=True)
+            new = rule.update(fast, dict(zip(names, grads)), step, state)
+        params.update(new if training else {k: v.detach() for k, v in new.items()})
+    losses, outs = [], []
+    with grad_ctx:
+        for s in _chunks(B, query_chunk):
+            c = s.stop - s.start
+            fmt = torch.channels_last if channels_last else None
+            h = run_layers(fixed, theta, enter(query_x[s]), c, fmt)
+            out = leave(run_layers(adapted, _take(params, theta, s), h, c, fmt), c)
+            losses.append(task_losses(query_loss, out, query_y[s]))  # [c]
+            outs.append(out)  # [c, M, N]
+    return torch.cat(losses), torch.cat(outs)

@@ -1,4 +1,4 @@
-"""One MAML meta-iteration, side by side: metakit (loop and batched), a plain loop, learn2learn, higher.
+"""One MAML meta-iteration, side by side: metakit (batched, loop), a plain loop, learn2learn, higher.
 
     python benchmarks/speed.py --threads 1 --repeats 7
 
@@ -7,25 +7,32 @@ statistics, 5-way 1-shot Omniglot shapes (28x28), meta-batch 32, 1 inner step (a
 mean support cross-entropy), 15 queries per class; second order (MAML, Finn et al. 2017, eq. 1-3)
 and first order (sec. 5.2). Implementations:
 
-- ``metakit-loop``, ``metakit-batched``: :class:`metakit.algorithms.MAML` with ``batched`` false / true;
-- ``plain``: a Python loop over tasks with ``torch.autograd.grad``, written here (NCHW, ``torch.nn.functional``);
-- ``learn2learn`` (0.2.0) and ``higher`` (0.2.1), from their own virtual environment, which this
-  script creates and fills when they are missing (the recipe of ``shared/peers/INSTALL.md``);
-  each is skipped with a message when it cannot be had.
+- ``metakit-batched`` (the default path, the one the ratios are to), ``metakit-recompute`` (the
+  same with ``recompute_queries``: less memory, one more query forward pass), ``metakit-loop``
+  (``batched=False``): :class:`metakit.algorithms.MAML`, whose ``meta_loss`` returns one loss for
+  the whole meta-batch, so its graph holds every task until ``backward``;
+- ``plain``: a Python loop over tasks with ``torch.autograd.grad``, written here (NCHW,
+  ``torch.nn.functional``), one backward per task: the floor to beat;
+- ``learn2learn`` (0.2.0) and ``higher`` (0.2.1), as their own MAML Omniglot examples use them (one
+  backward per task), from their own virtual environment (default ``~/.cache/metakit/bench-venv``,
+  never metakit's), which this script creates and fills when they are missing, the way
+  ``shared/peers/INSTALL.md`` found to work (plus pillow, which torchvision needs to import);
+  each is skipped with a message when it cannot be had (``--no-install``: never install).
 
-Each implementation runs in its own process (so its peak resident memory, ``ru_maxrss``, is its
-own), on the same weights and the same tasks; their meta-gradients are checked against
-metakit's before any timing. The processes then take turns, one meta-iteration each per round,
-so that the load of a shared machine hits all alike; the medians over rounds are printed, wall
-time and process CPU time (the CPU time is the steadier on a busy machine), with ratios to
-metakit's default path.
+Each implementation runs in its own process on the same weights and tasks. Every one is first
+run in float64 on a few of the tasks and its meta-gradient compared with the plain loop's in
+float64 (equal gradients agree to rounding, about 1e-14); the float32 meta-gradients on all tasks
+are compared with metakit's too, for information (see the note the table ends with). The
+processes then take turns, one meta-iteration each per round, so that the load of a shared
+machine hits all alike, and the medians over rounds are printed: wall time and process CPU time
+(on a busy machine the CPU time is the steadier), their ratios to ``metakit-batched``, and the
+peak resident memory of each process (``VmHWM``) with its increase over the process after start-up.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -121,7 +128,7 @@ def install_peers(venv: Path, log_path: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # the implementations, each built in its own process from the same weights and tasks
 
-IMPLS = ("metakit-batched", "metakit-loop", "plain", "learn2learn", "higher")
+IMPLS = ("metakit-batched", "metakit-recompute", "metakit-loop", "plain", "learn2learn", "higher")
 PEERS = ("learn2learn", "higher")
 OURS = "metakit-batched"  # metakit's default path: the ratios are to it
 
@@ -154,7 +161,8 @@ def build(impl: str, state: dict, first_order: bool):
         from metakit.algorithms import MAML
         from metakit.tasks import TaskBatch
         learner = MAML(MAML.Options(hidden=state["hidden"], inner_lr=lr, first_order=first_order,
-                                    batched=impl == "metakit-batched"), ways=state["ways"])
+                                    batched=impl != "metakit-loop", recompute_queries=impl == "metakit-recompute"),
+                       ways=state["ways"])
         learner.to(next(iter(state["weights"].values())).dtype).model.load_state_dict(state["weights"])
         learner.train()
         batch = TaskBatch(sx, sy, qx, qy, ways=state["ways"])
@@ -387,7 +395,8 @@ def report(rows: list[dict], args, source: str, skipped: dict) -> str:
              f"{args.shots}-shot 28x28 ({source}), {args.queries} queries per class, meta-batch {args.meta_batch}, "
              f"1 inner step; {args.threads} thread(s); medians of {args.repeats} interleaved rounds.", "",
              "| order | implementation | wall s | CPU s | wall / ours | CPU / ours | peak RSS MB (+ over start) "
-             f"| float64 meta-gradient vs reference ({min(args.check_tasks, args.meta_batch)} tasks) "
+             f"| float64 meta-gradient vs reference "
+             f"({f'{min(args.check_tasks, args.meta_batch)} tasks' if args.check_tasks else 'not run'}) "
              "| float32 vs ours (all tasks) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for order in args.orders:

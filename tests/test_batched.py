@@ -16,6 +16,7 @@ from gradient_reference import SIZE, WAYS, learner_grads, tiny_batch, tiny_optio
 
 CASES = {
     "maml-2-steps": (MAML, dict(inner_lr=0.1, inner_steps=2)),
+    "maml-recompute-queries": (MAML, dict(inner_lr=0.1, inner_steps=2, recompute_queries=True)),
     "fomaml": (FOMAML, dict(inner_lr=0.1, inner_steps=2)),
     "anil": (ANIL, dict(inner_lr=0.1, inner_steps=2)),
     "metasgd": (MetaSGD, dict(inner_steps=2)),  # alpha drawn per coordinate in [0.005, 0.1]
@@ -128,9 +129,11 @@ def test_each_task_is_normalised_with_its_own_examples(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(query_chunk=1, channels_last=True),
-                                    dict(support_chunk=2, query_chunk=2), dict(support_chunk=1, channels_last=True)])
+                                    dict(support_chunk=2, query_chunk=2), dict(support_chunk=1, channels_last=True),
+                                    dict(query_chunk=1, recompute_queries=True)])
 def test_every_layout_gives_the_same_numbers(layout):
-    """Chunks of tasks and channels-last change the speed, never the numbers (second order, 2 steps)."""
+    """Chunks of tasks, channels-last and recomputed query activations change the speed and the memory,
+    never the numbers (second order, 2 steps)."""
     _, learner = pair(MAML, inner_lr=0.1, inner_steps=2)
     batch = tiny_batch(B=3)
     theta = parameters_of(learner.model)

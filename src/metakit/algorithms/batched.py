@@ -58,6 +58,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .inner_loop import AdamRule, LossFn, MetaSGDRule, Params, SGDRule, UpdateRule
 
@@ -278,7 +279,7 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                          query_x: Tensor, query_y: Tensor, support_loss: LossFn, query_loss: LossFn,
                          rule: UpdateRule, steps: int, adapt_names: Iterable[str], first_order: bool,
                          training: bool, support_chunk: int | None = None, query_chunk: int | None = None,
-                         channels_last: bool = False) -> tuple[Tensor, Tensor]:
+                         channels_last: bool = False, recompute_queries: bool = False) -> tuple[Tensor, Tensor]:
     """Query losses ``[B]`` and outputs ``[B, M, N]`` of every task after ``steps`` inner updates.
 
     The numbers of ``MAML.task_outputs``'s loop (eq. 1 per task, then the query loss, eq. 2):
@@ -287,6 +288,9 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
     (second order unless ``first_order``); otherwise inference, detached results.
     ``support_chunk`` / ``query_chunk``: tasks per grouped call in the support / query passes
     (None: all ``B``); ``channels_last``: the query pass in channels-last memory format.
+    ``recompute_queries``: keep only each query chunk's inputs and recompute its activations in the
+    backward pass (``torch.utils.checkpoint``): one more query forward pass, for a graph that no
+    longer holds every task's query activations at once.
     """
     names = [n for n in theta if n in set(adapt_names)]
     B = support_x.shape[0]
@@ -317,13 +321,20 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                                         create_graph=training and not first_order, materialize_grads=True)
             new = rule.update(fast, dict(zip(names, grads)), step, state)
         params.update(new if training else {k: v.detach() for k, v in new.items()})
+    fmt = torch.channels_last if channels_last else None
+
+    def query_pass(p: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        c = x.shape[0]
+        out = leave(run_layers(adapted, p, run_layers(fixed, theta, enter(x), c, fmt), c, fmt), c)  # [c, M, N]
+        return task_losses(query_loss, out, y), out
+
     losses, outs = [], []
     with grad_ctx:
         for s in _chunks(B, query_chunk):
-            c = s.stop - s.start
-            fmt = torch.channels_last if channels_last else None
-            h = run_layers(fixed, theta, enter(query_x[s]), c, fmt)
-            out = leave(run_layers(adapted, _take(params, theta, s), h, c, fmt), c)
-            losses.append(task_losses(query_loss, out, query_y[s]))  # [c]
+            if recompute_queries and training:
+                loss, out = checkpoint(query_pass, _take(params, theta, s), query_x[s], query_y[s], use_reentrant=False)
+            else:
+                loss, out = query_pass(_take(params, theta, s), query_x[s], query_y[s])
+            losses.append(loss)  # [c]
             outs.append(out)  # [c, M, N]
     return torch.cat(losses), torch.cat(outs)

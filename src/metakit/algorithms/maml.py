@@ -70,6 +70,7 @@ class InnerLoopOptions:
     inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the reference: N x mean)
     transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
     batched: bool = True              # adapt the meta-batch at once (algorithms/batched.py); False: a loop over tasks, same numbers
+    recompute_queries: bool = False   # batched: recompute query activations in backward (~1.25x slower, ~half the memory)
 
 
 def check_options(options, name: str) -> None:
@@ -180,7 +181,7 @@ class MAML(Learner):
                                         batch.support_y, batch.query_x, batch.query_y, self.support_loss,
                                         self.query_loss, self.update_rule(training), self.inner_steps(training),
                                         self.adapt_names, self.options.first_order, training,
-                                        **layout_for(batch.query_x))
+                                        recompute_queries=self.options.recompute_queries, **layout_for(batch.query_x))
         losses, outs = [], []
         for i in range(batch.meta_batch_size):
             sx, sy = batch.support_x[i], batch.support_y[i]  # [N*K, C, H, W], [N*K]

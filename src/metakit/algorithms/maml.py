@@ -44,12 +44,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn import MLP, Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
 from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, layout_for, plan
+from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
 CHOICES = {"adapt": ("all", "head"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"),
@@ -154,8 +154,7 @@ class MAML(Learner):
 
     # ---- prediction at adapted parameters
     def uses_batch_statistics(self) -> bool:
-        return any(isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
-                   for m in self.model.modules())
+        return uses_batch_statistics(self.model)
 
     def outputs(self, params: Params, query_x: Tensor, support_x: Tensor) -> Tensor:
         """Query outputs at ``params``: ``[M, N]`` logits or ``[M, 1]`` values.

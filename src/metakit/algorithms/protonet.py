@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn import Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
+from .metric import embed_tasks
 
 
 def prototypes(z_support: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -56,22 +56,11 @@ class ProtoNet(Learner):
         """-squared distance to each prototype: [B, M, N] (eq. 2)."""
         return -squared_euclidean(z_query, prototypes(z_support, support_y, ways))
 
-    def uses_batch_statistics(self) -> bool:
-        """Whether a BatchNorm layer normalises with the statistics of the batch it is given."""
-        return any(isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
-                   for m in self.encoder.modules())
-
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
-        B, S = batch.support_x.shape[:2]
-        x = torch.cat([batch.support_x, batch.query_x], dim=1)  # [B, N*K + M, C, H, W]
-        if self.uses_batch_statistics():
-            # One encoder pass per task: BatchNorm statistics (and running-statistics updates)
-            # span one task's support and query, never other tasks of the meta-batch, so a task's
-            # loss does not depend on which tasks share its meta-batch (a meta-batch split over
-            # processes gives the same numbers); with meta_batch_size 1 (the paper's) nothing changes.
-            z = torch.stack([self.embed(x[i]) for i in range(B)])  # [B, N*K + M, D]
-        else:
-            z = self.embed(x)  # one pass: each example is embedded on its own
+        S = batch.support_x.shape[1]
+        # One encoder pass per task while BatchNorm uses batch statistics, so a task's loss does not
+        # depend on which tasks share its meta-batch (nothing changes at meta_batch_size 1, the paper's).
+        z = embed_tasks(self.embed, self.encoder, torch.cat([batch.support_x, batch.query_x], dim=1))  # [B, N*K + M, D]
         logits = self.logits(z[:, S:], z[:, :S], batch.support_y, batch.ways)  # [B, M, N]
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         acc = accuracy(logits, batch.query_y).mean()

@@ -124,3 +124,31 @@ def test_fixed_head_learners_refuse_other_ways_before_work(config_file, tmp_path
     capsys.readouterr()
     line = one_error_line(capsys, ["eval", str(tmp_path / "r"), "--ways", "2", "--episodes", "3"])
     assert "--ways = 2, but this maml learner has a 3-way classifier head" in line
+
+
+def test_eval_set_changes_test_time_inner_steps_only(tmp_path, capsys):
+    """``metakit eval --set model.inner_steps_test=N``: the same weights, another test-time schedule."""
+    config = tmp_path / "sin.yaml"
+    config.write_text(yaml.safe_dump({
+        "algorithm": "maml", "model": {"inner_lr": 0.01, "inner_steps_test": 1},
+        "data": {"dataset": "sinusoid"},
+        "train": {"shots": 5, "queries": 5, "meta_batch_size": 4, "steps": 3, "val_every": 0},
+        "eval": {"shots": 5, "queries": 20, "episodes": 20}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    mses = {}
+    for steps in (0, 10):
+        assert main(["eval", str(tmp_path / "run" / "last.pt"), "--json",
+                     "--set", f"model.inner_steps_test={steps}"]) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert record["set"] == [f"model.inner_steps_test={steps}"]
+        mses[steps] = record["mse"]
+    assert mses[10] != mses[0]  # the same episodes, so only the schedule differs
+    from metakit.engine import load
+    assert load(tmp_path / "run" / "last.pt", ["model.inner_steps_test=10"]).options.inner_steps_test == 10
+    line = one_error_line(capsys, ["eval", str(tmp_path / "run" / "last.pt"), "--set", "train.steps=5"])
+    assert "only model.* options can change at evaluation" in line
+    line = one_error_line(capsys, ["eval", str(tmp_path / "run" / "last.pt"), "--set", "model.inner_stepz=5"])
+    assert "unknown key model.inner_stepz" in line
+    line = one_error_line(capsys, ["eval", str(tmp_path / "run" / "last.pt"), "--set", "model.mlp_hidden=[8]"])
+    assert "weights do not fit" in line

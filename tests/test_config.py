@@ -42,3 +42,10 @@ def test_round_trip_through_yaml():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_optimizer_and_schedule_are_checked_when_read():
+    with pytest.raises(ConfigError, match="train.lr_schedule must be one of step, linear, got 'cosine'"):
+        load_config(None, ["train.lr_schedule=cosine"])
+    with pytest.raises(ConfigError, match="train.optimizer must be one of adam, sgd, got 'rmsprop'"):
+        load_config(None, ["train.optimizer=rmsprop"])

@@ -206,3 +206,24 @@ def test_folder_classes_split_by_explicit_lists(folder):
     config.data.split_classes = {"tran": ["class_00"]}
     with pytest.raises(DataError, match="unknown split 'tran'"):
         load_split(config.data, "train")
+
+
+def test_reptile_outer_loop_sgd_without_momentum_and_linear_annealing():
+    """Reptile's outer step (Nichol et al. 2018, alg. 1): plain SGD, step annealed linearly to 0."""
+    from metakit.engine.fit import make_optimizer, make_scheduler
+
+    config = from_dict({"algorithm": "reptile", "train": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.0,
+                                                         "lr_schedule": "linear", "steps": 4}})
+    learner = torch.nn.Linear(2, 1)
+    opt = make_optimizer(learner, config.train)
+    sched = make_scheduler(opt, config.train)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        learner.weight.grad = torch.ones_like(learner.weight)
+        before = learner.weight.detach().clone()
+        opt.step()
+        sched.step()
+        # no momentum: each step moves by exactly lr * grad
+        assert torch.allclose(before - learner.weight.detach(), torch.full_like(before, lrs[-1]))
+    assert lrs == [1.0, 0.75, 0.5, 0.25]

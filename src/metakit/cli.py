@@ -81,7 +81,7 @@ def cmd_eval(args) -> int:
     from .engine.fit import check_ways
 
     ctx = distributed.setup()  # under torchrun: each process scores a share of the episodes
-    learner = load(args.checkpoint).to(ctx.device)
+    learner = load(args.checkpoint, args.set).to(ctx.device)
     config = learner.config
     if args.data_root:
         config.data.root = args.data_root
@@ -101,7 +101,8 @@ def cmd_eval(args) -> int:
         return 0
     record = {"algorithm": config.algorithm, "dataset": config.data.dataset, "split": s["split"],
               "ways": s["ways"] if dataset is not None else None, "shots": s["shots"], "queries": s["queries"],
-              "episodes": s["episodes"], "seed": s["seed"], **result, "checkpoint": str(args.checkpoint)}
+              "episodes": s["episodes"], "seed": s["seed"], **result, "checkpoint": str(args.checkpoint),
+              **({"set": args.set} if args.set else {})}
     if args.json:
         print(json.dumps(record))
     else:
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="change a model option that keeps the weights, e.g. model.inner_steps_test=10 (repeatable)")
     p.add_argument("--protocol", choices=["episodes", "lake-within-alphabet"], default="episodes",
                    help="episodes: N-way K-shot tasks from a split (default); lake-within-alphabet: Lake et al.'s "
                         "20-way one-shot within one alphabet of the evaluation archive (episodes default 400)")

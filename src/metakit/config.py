@@ -49,14 +49,22 @@ class TrainConfig:
     steps: int = 10000               # meta-training iterations (episodes / meta-batches)
     optimizer: str = "adam"          # adam | sgd
     lr: float = 1e-3
-    lr_step: int = 2000              # multiply lr by lr_gamma every lr_step iterations (0: constant)
+    lr_schedule: str = "step"        # step: times lr_gamma every lr_step iterations | linear: to 0 at `steps`
+    lr_step: int = 2000              # with lr_schedule=step; 0: constant
     lr_gamma: float = 0.5
+    momentum: float = 0.9            # sgd only (Reptile's outer loop: 0)
     weight_decay: float = 0.0
     log_every: int = 50
     val_every: int = 500
     val_episodes: int = 200
     checkpoint_every: int = 500
     threads: int = 0                 # torch threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        for key, value, choices in (("optimizer", self.optimizer, ("adam", "sgd")),
+                                    ("lr_schedule", self.lr_schedule, ("step", "linear"))):
+            if value not in choices:
+                raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass

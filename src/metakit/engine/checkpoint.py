@@ -8,7 +8,7 @@ import torch
 
 from .. import __version__
 from ..algorithms import Learner, build_learner
-from ..config import Config, ConfigError, from_dict
+from ..config import Config, ConfigError, apply_overrides, from_dict
 
 
 class CheckpointError(RuntimeError):
@@ -62,15 +62,22 @@ def read(path: str | Path) -> dict:
     return state
 
 
-def load(path: str | Path) -> Learner:
+def load(path: str | Path, model_overrides: list[str] | None = None) -> Learner:
     """The learner stored in a checkpoint (file or run folder), in eval mode, ready to ``adapt``.
 
     ``learner.transform`` is the input transform of its data (see :mod:`metakit.data.transforms`),
-    ``learner.config`` the config it was trained with.
+    ``learner.config`` the config it was trained with. ``model_overrides`` (``["model.inner_steps_test=10"]``)
+    change options that leave the weights' shapes alone, e.g. the number of inner steps at test.
     """
     state = read(path)
+    for text in model_overrides or []:
+        if not text.startswith("model."):
+            raise ConfigError(f"--set {text}: only model.* options can change at evaluation "
+                              "(the episodes have --ways, --shots, --queries, --episodes)")
+    if model_overrides:
+        from_dict(apply_overrides(state["config"], model_overrides))  # a bad override: ConfigError naming it
     try:
-        config = from_dict(state["config"])
+        config = from_dict(apply_overrides(state["config"], model_overrides))
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"{path}: its config cannot be rebuilt by metakit {__version__} ({exc})") from None
     learner = build_from_config(config)

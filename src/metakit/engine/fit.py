@@ -76,11 +76,17 @@ def make_optimizer(learner: Learner, t) -> torch.optim.Optimizer:
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     raise ValueError(f"unknown optimizer {t.optimizer!r}; choose adam or sgd")
 
 
 def make_scheduler(optimizer, t):
+    """``step``: lr x lr_gamma every lr_step iterations (0: constant); ``linear``: lr x (1 - i / steps),
+    Reptile's annealed outer step (Nichol et al. 2018, alg. 1 and appendix A)."""
+    if t.lr_schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / t.steps))
+    if t.lr_schedule != "step":
+        raise ValueError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose step or linear")
     if t.lr_step > 0:
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

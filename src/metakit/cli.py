@@ -112,7 +112,8 @@ def cmd_eval(args) -> int:
         unit = "%" if key == "accuracy" else ""
         print(f"{config.algorithm} on {config.data.dataset} {s['split']}, "
               + (f"{s['ways']}-way " if dataset is not None else "")
-              + f"{s['shots']}-shot, {s['episodes']} episodes: {key} {value:.2f}{unit} ± {ci:.2f}{unit} (95% CI)")
+              + f"{s['shots']}-shot, {s['episodes']} episodes: {key} {value:.{2 if unit else 3}f}{unit} "
+              f"± {ci:.{2 if unit else 3}f}{unit} (95% CI)")
     return 0
 
 
@@ -329,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"metakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # Leave a torchrun process group while the interpreter is whole: gloo's worker threads can
+        # hold tensors whose release at interpreter teardown aborts the process (atexit is the fallback).
+        if "torch.distributed" in sys.modules:
+            from .engine import distributed
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

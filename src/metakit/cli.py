@@ -1,4 +1,4 @@
-"""The command line: ``metakit train | eval | embed | demo | plot | data``.
+"""The command line: ``metakit train | eval | embed | demo | plot | gates | data``.
 
 Bad input (a missing file, an unknown key, an impossible episode) exits with status 2 and one
 line saying what is wrong and how to fix it, before any work starts.
@@ -237,6 +237,38 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_gates(args) -> int:
+    from .algorithms.meta_lstm import MetaLSTM, mean_gate_trace
+    from .config import ConfigError
+    from .data import load_split, make_sampler
+    from .engine import CheckpointError, load
+    from .plot import plot_gates
+
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    learner = load(args.checkpoint)
+    config = learner.config
+    if not isinstance(learner, MetaLSTM):
+        raise CheckpointError(f"{args.checkpoint} holds a {config.algorithm} learner; "
+                              "gates needs a meta_lstm checkpoint")
+    if args.data_root:
+        config.data.root = args.data_root
+    e = config.eval
+    dataset = load_split(config.data, args.split or config.data.test_split, config.seed)
+    sampler = make_sampler(config.data, dataset, e.ways, e.shots, 1, 1, args.seed)
+    trace = mean_gate_trace(learner, sampler, args.episodes)
+    width = max(len(layer) for layer in trace)
+    for g, gate in enumerate(("input gate i_t (SGD: its step)", "forget gate f_t (SGD: 1)")):
+        print(f"mean {gate} at inner steps 1..{len(next(iter(trace.values())))}:")
+        for layer, values in trace.items():
+            print(f"  {layer:<{width}}  " + " ".join(f"{v[g]:.4f}" for v in values))
+    out = args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_gates.png"
+    shots = f"{e.ways}-way {e.shots}-shot, " if dataset is not None else ""
+    path = plot_gates(trace, out, args.sgd_lr, title=f"meta_lstm gates, {shots}mean of {args.episodes} tasks")
+    print(f"gate values per inner step written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metakit", description="Meta-learning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"metakit {__version__}")
@@ -302,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png or CHECKPOINT_shots.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("gates", help="a Meta-Learner LSTM's mean input and forget gates per inner step and layer, "
+                                     "against plain SGD, as PNG")
+    p.add_argument("checkpoint", help="a meta_lstm .pt checkpoint or run folder")
+    p.add_argument("--out", help="PNG path (default CHECKPOINT_gates.png)")
+    p.add_argument("--episodes", type=int, default=20, help="tasks averaged (default 20)")
+    p.add_argument("--split", help="data split of the tasks (default: the config's test split)")
+    p.add_argument("--sgd-lr", type=float, default=0.4,
+                   help="the SGD step drawn for comparison (default 0.4, MAML's inner step on the mean loss)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
+    p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser("predict", help="few-shot prediction on your own images with a trained checkpoint")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")

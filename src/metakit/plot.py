@@ -102,3 +102,41 @@ def plot_shots_ways(rows: list[dict], out: str | Path, title: str = "") -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_gates(trace: dict[str, list[tuple[float, float]]], out: str | Path, sgd_lr: float | None = None,
+               title: str = "") -> Path:
+    """What a Meta-Learner LSTM learned (as the gate pictures of Ravi & Larochelle 2017): the mean input gate
+    ``i_t`` (its step size) and forget gate ``f_t`` of each layer at each inner step, next to plain
+    SGD (``f = 1``, ``i = sgd_lr``) -> PNG. ``trace``: ``{layer: [(mean i, mean f) per step]}``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_i, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.get_cmap("tab10")
+    steps = 0
+    for n, (layer, values) in enumerate(trace.items()):
+        t = list(range(1, len(values) + 1))
+        steps = max(steps, len(values))
+        style = {"color": colours(n % 10), "marker": "o", "markersize": 3, "label": layer}
+        ax_i.plot(t, [v[0] for v in values], **style)
+        ax_f.plot(t, [v[1] for v in values], **style)
+    ax_f.axhline(1.0, color="black", linestyle="--", linewidth=1, label="SGD (f = 1)")
+    if sgd_lr:
+        ax_i.axhline(sgd_lr, color="black", linestyle="--", linewidth=1, label=f"SGD (i = {sgd_lr:g})")
+    ax_i.set_yscale("log")
+    ax_i.set(xlabel="inner step t", ylabel="mean input gate i_t (step size)", title="input gate")
+    ax_f.set(xlabel="inner step t", ylabel="mean forget gate f_t", title="forget gate")
+    for ax in (ax_i, ax_f):
+        ax.set_xticks(range(1, steps + 1))
+        ax.grid(alpha=0.3)
+    ax_f.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..nn import Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .metric import embed_tasks
+from .metric import embed_tasks, metric_adapt
 
 
 def cosine_attention(zq: Tensor, zs: Tensor, scale: float = 1.0) -> Tensor:
@@ -122,15 +122,8 @@ class MatchingNet(Learner):
         return MetaOutput(loss, logits, {"loss": loss.item(), "accuracy": acc.item()})
 
     def adapt(self, support_x: Tensor, support_y: Tensor):
-        ways = int(support_y.max()) + 1
-        with torch.no_grad():
-            zs = self.embed(support_x)[None]  # [1, S, D]
-
-        def predict(query_x: Tensor) -> Tensor:
-            with torch.no_grad():
-                a = self.attention(self.embed(query_x)[None], zs)  # [1, M, S]
-                return label_log_probs(a, support_y[None], ways)[0]  # [M, N]
-        return predict
+        return metric_adapt(self.embed, support_x, support_y,
+                            lambda zq, zs, ys, ways: label_log_probs(self.attention(zq, zs), ys, ways))
 
     def example_scores(self, query_x: Tensor, support_x: Tensor) -> Tensor:
         """Cosine of each query to each support example (eq. 2 before the softmax): ``[M, S]``."""

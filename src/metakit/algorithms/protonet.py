@@ -18,7 +18,7 @@ from torch import Tensor
 from ..nn import Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .metric import embed_tasks
+from .metric import embed_tasks, metric_adapt
 
 
 def prototypes(z_support: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -67,11 +67,5 @@ class ProtoNet(Learner):
         return MetaOutput(loss, logits, {"loss": loss.item(), "accuracy": acc.item()})
 
     def adapt(self, support_x: Tensor, support_y: Tensor):
-        ways = int(support_y.max()) + 1
-        with torch.no_grad():
-            protos = prototypes(self.embed(support_x)[None], support_y[None], ways)  # [1, N, D]
-
-        def predict(query_x: Tensor) -> Tensor:
-            with torch.no_grad():
-                return -squared_euclidean(self.embed(query_x)[None], protos)[0]  # [M, N]
-        return predict
+        return metric_adapt(self.embed, support_x, support_y,
+                            lambda zq, zs, ys, ways: -squared_euclidean(zq, prototypes(zs, ys, ways)))

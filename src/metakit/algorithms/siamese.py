@@ -50,7 +50,7 @@ from ..nn import Conv4
 from ..nn.koch import KochNet, koch_init_
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .metric import embed_tasks
+from .metric import embed_tasks, metric_adapt
 
 # Koch et al. sec. 3.2, the affine distortions: rotation (degrees), shear, scale, translation
 # (pixels at 105x105; the same fraction of the image at other sizes), each component applied with
@@ -200,15 +200,8 @@ class Siamese(Learner):
                                          "pair_accuracy": verified.item()})
 
     def adapt(self, support_x: Tensor, support_y: Tensor):
-        ways = int(support_y.max()) + 1
-        with torch.no_grad():
-            zs = self.embed(support_x)[None]  # [1, S, D]
-
-        def predict(query_x: Tensor) -> Tensor:
-            with torch.no_grad():
-                scores = self.all_scores(self.embed(query_x)[None], zs)  # [1, M, S]
-                return self.class_logits(scores, support_y[None], ways)[0]  # [M, N]
-        return predict
+        return metric_adapt(self.embed, support_x, support_y,
+                            lambda zq, zs, ys, ways: self.class_logits(self.all_scores(zq, zs), ys, ways))
 
     def similarity(self, x1: Tensor, x2: Tensor) -> Tensor:
         """Verification scores of pairs ``x1, x2 [P, C, H, W]`` -> ``[P]``, higher for "same class".

@@ -227,3 +227,20 @@ def test_reptile_outer_loop_sgd_without_momentum_and_linear_annealing():
         # no momentum: each step moves by exactly lr * grad
         assert torch.allclose(before - learner.weight.detach(), torch.full_like(before, lrs[-1]))
     assert lrs == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_max_grad_norm_clips_the_meta_gradient(folder, tmp_path):
+    """``train.max_grad_norm``: one plain-SGD step moves the weights by at most lr x the norm."""
+    from metakit.engine import load
+
+    def moved(max_norm):
+        config = from_dict(folder_config(folder, steps=1, optimizer="sgd", lr=1.0, momentum=0.0, val_every=0,
+                                         max_grad_norm=max_norm))
+        exp = Experiment(config)
+        start = [p.detach().clone() for p in exp.learner.parameters()]
+        fit(config, tmp_path / f"run{max_norm}", progress=False, experiment=exp)
+        end = load(tmp_path / f"run{max_norm}" / "last.pt").parameters()
+        return float(torch.sqrt(sum(((a - b.detach()) ** 2).sum() for a, b in zip(start, end))))
+
+    assert moved(0.0) > 0.05           # unclipped, the step is larger than the cap below
+    assert moved(0.01) == pytest.approx(0.01, rel=1e-3)

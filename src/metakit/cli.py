@@ -256,7 +256,8 @@ def cmd_gates(args) -> int:
     e = config.eval
     dataset = load_split(config.data, args.split or config.data.test_split, config.seed)
     sampler = make_sampler(config.data, dataset, e.ways, e.shots, 1, 1, args.seed)
-    trace = mean_gate_trace(learner, sampler, args.episodes)
+    trace = {f"{layer} ({type(learner.model.get_submodule(layer)).__name__})": values
+             for layer, values in mean_gate_trace(learner, sampler, args.episodes).items()}
     width = max(len(layer) for layer in trace)
     for g, gate in enumerate(("input gate i_t (SGD: its step)", "forget gate f_t (SGD: 1)")):
         print(f"mean {gate} at inner steps 1..{len(next(iter(trace.values())))}:")

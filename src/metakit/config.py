@@ -53,6 +53,7 @@ class TrainConfig:
     lr_step: int = 2000              # with lr_schedule=step; 0: constant
     lr_gamma: float = 0.5
     momentum: float = 0.9            # sgd only (Reptile's outer loop: 0)
+    max_grad_norm: float = 0.0       # clip the meta-gradient's global norm (Meta-Learner LSTM: 0.25); 0: off
     weight_decay: float = 0.0
     log_every: int = 50
     val_every: int = 500

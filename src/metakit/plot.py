@@ -124,19 +124,20 @@ def plot_gates(trace: dict[str, list[tuple[float, float]]], out: str | Path, sgd
         ax_f.plot(t, [v[1] for v in values], **style)
     ax_f.axhline(1.0, color="black", linestyle="--", linewidth=1, label="SGD (f = 1)")
     if sgd_lr:
-        ax_i.axhline(sgd_lr, color="black", linestyle="--", linewidth=1, label=f"SGD (i = {sgd_lr:g})")
+        sgd = ax_i.axhline(sgd_lr, color="black", linestyle="--", linewidth=1, label=f"SGD (i = {sgd_lr:g})")
+        ax_i.legend(handles=[sgd], fontsize=7, loc="best")
     ax_i.set_yscale("log")
     ax_i.set(xlabel="inner step t", ylabel="mean input gate i_t (step size)", title="input gate")
     ax_f.set(xlabel="inner step t", ylabel="mean forget gate f_t", title="forget gate")
     for ax in (ax_i, ax_f):
         ax.set_xticks(range(1, steps + 1))
         ax.grid(alpha=0.3)
-    ax_f.legend(fontsize=7, loc="best")
+    ax_f.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out

@@ -41,8 +41,8 @@ What is implemented, against the paper and its reference code (github.com/twitte
   The reference evaluates with running statistics gathered over the episode's support passes;
   that is not reproduced (``bn="running"`` keeps running statistics across all training
   episodes instead).
-- The reference clips the meta-gradient norm at 0.25; the engine has no gradient clipping, so
-  the shipped configs do without.
+- The reference clips the meta-gradient norm at 0.25; the shipped configs do too
+  (``train.max_grad_norm``, applied by the engine to the averaged meta-gradient).
 
 The batched path of the inner loop does not know this rule: meta-batches run as a loop over
 tasks (:meth:`MetaLSTM.batched_unsupported` says so).

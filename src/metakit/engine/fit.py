@@ -156,6 +156,7 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
     sampler = exp.train_sampler()
     optimizer = make_optimizer(learner, t)
     scheduler = make_scheduler(optimizer, t)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
     higher_is_better = exp.train_set is not None
     score_key = "accuracy" if higher_is_better else "mse"
     step, best, elapsed = 0, None, 0.0
@@ -215,6 +216,8 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             metrics = ctx.finish_step(learner, out.metrics, batch.meta_batch_size, before)  # all-reduce
+            if t.max_grad_norm > 0:  # on the averaged meta-gradient, so every process clips alike
+                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1

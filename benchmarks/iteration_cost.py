@@ -1,0 +1,56 @@
+"""Cost of one meta-training iteration of shipped configs, and what their full schedules take here.
+
+    python benchmarks/iteration_cost.py configs/omniglot/maml_5w1s.yaml configs/omniglot/maml_20w1s.yaml ...
+
+For each config: the engine's step (sample the meta-batch, ``meta_loss``, backward, optimizer step) on one
+thread, ``--warmup`` untimed iterations then ``--iterations`` timed ones; prints one JSON line with the
+median *process CPU time* per iteration (on one thread it hardly depends on what else the shared machine
+runs, unlike wall time) and ``train.steps`` times it, the single-core estimate of the full schedule.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from metakit.config import load_config
+from metakit.engine.fit import Experiment, make_optimizer
+
+
+def cost(path: str, warmup: int, iterations: int) -> dict:
+    config = load_config(path)
+    exp = Experiment(config, need_val=False)
+    learner, sampler = exp.learner, exp.train_sampler()
+    optimizer = make_optimizer(learner, config.train)
+    learner.train()
+    times = []
+    for i in range(warmup + iterations):
+        start = time.process_time()
+        out = learner.meta_loss(sampler.sample())
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        if i >= warmup:
+            times.append(time.process_time() - start)
+    per_iteration = statistics.median(times)
+    return {"config": path, "algorithm": config.algorithm, "meta_batch": config.train.meta_batch_size,
+            "cpu_s_per_iteration": round(per_iteration, 3), "steps": config.train.steps,
+            "full_schedule_h": round(per_iteration * config.train.steps / 3600, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for path in args.configs:
+        print(json.dumps(cost(path, args.warmup, args.iterations)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

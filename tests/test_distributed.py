@@ -177,7 +177,9 @@ def test_a_killed_process_stops_the_job_and_the_same_command_resumes(folder, tmp
     assert failed.returncode == 1, failed.stderr
     assert "process 1 of 2 was killed by SIGKILL; the job stopped" in failed.stderr
     assert "last.pt holds the last checkpoint (step 6 of 12): run the same command to resume" in failed.stderr
-    assert "rank 0 of 2: lost contact with the other processes" in failed.stderr  # the survivor says why it stops
+    # the survivor says why it stops, unless torchrun's closing signal reaches it first (a race: seen 1 run in 6)
+    assert ("rank 0 of 2: lost contact with the other processes" in failed.stderr
+            or "closing signal" in failed.stderr), failed.stderr
     state = torch.load(run_dir / "last.pt", weights_only=False)
     assert state["step"] == 6 and sorted(p.name for p in run_dir.iterdir()) == [
         "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]  # no temporary file left

@@ -86,8 +86,20 @@ def test_resume_after_crash_equals_uninterrupted_run(folder, tmp_path, monkeypat
 
 def test_resume_refuses_another_config(folder, tmp_path):
     fit(from_dict(folder_config(folder, steps=3)), tmp_path / "run", progress=False)
-    with pytest.raises(CheckpointError, match="another config"):
+    with pytest.raises(CheckpointError, match=r"another config \(train.lr differ\)"):
         fit(from_dict(folder_config(folder, steps=3, lr=0.5)), tmp_path / "run", progress=False)
+
+
+def test_resume_accepts_a_run_from_before_an_option_existed(folder, tmp_path):
+    """A run started before metakit gained an option (stored config without the key) resumes, the
+    option taking its default."""
+    config = from_dict(folder_config(folder, steps=3))
+    fit(config, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    del state["config"]["train"]["max_grad_norm"]
+    torch.save(state, tmp_path / "run" / "last.pt")
+    result = fit(config, tmp_path / "run", progress=False)  # resumes at step 3 of 3: nothing left to do
+    assert result.step == 3
 
 
 def test_load_returns_a_learner_ready_to_adapt(folder, tmp_path):

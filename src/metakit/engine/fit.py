@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..algorithms import Learner
-from ..config import Config, dump_config
+from ..config import Config, dump_config, from_dict
 from ..data import EpisodeError, check_episode, load_split, make_sampler
 from . import checkpoint, distributed
 
@@ -166,9 +166,19 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
     # rank 0 reads the run folder and sends what it found to the others
     state = ctx.broadcast_object(checkpoint.read(last) if main and resume and last.exists() else None)
     if state is not None:
-        if state["config"] != config.to_dict():
+        saved = state["config"]
+        try:  # through from_dict, so options added to metakit since the run started take their defaults
+            saved = from_dict(saved).to_dict()
+        except ValueError:  # ConfigError included: compared as stored
+            pass
+        if saved != config.to_dict():
+            changed = sorted(f"{section}.{key}" for section, values in config.to_dict().items()
+                             if isinstance(values, dict)
+                             for key in values if (saved.get(section) or {}).get(key, object()) != values[key])
             raise checkpoint.CheckpointError(
-                f"{run_dir} holds a run with another config; use another --out folder, or the same config to resume")
+                f"{run_dir} holds a run with another config"
+                + (f" ({', '.join(changed[:3])} differ)" if changed else "")
+                + "; use another --out folder, or the same config to resume")
         learner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

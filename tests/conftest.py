@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 SIZE = 105  # Omniglot's raw image size
@@ -183,3 +184,22 @@ def http_server():
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run faster on one thread (and a busy machine spins less); restored afterwards.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_adapt_equals_evaluation(learner, batch, task: int) -> None:
+    """``learner.adapt`` on task ``task``'s support set scores its queries as the eval-mode ``meta_loss`` does."""
+    learner.eval()
+    with torch.no_grad():
+        logits = learner.meta_loss(batch).logits[task]
+    predict = learner.adapt(batch.support_x[task], batch.support_y[task])
+    assert torch.allclose(predict(batch.query_x[task]), logits, atol=1e-5)

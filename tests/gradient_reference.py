@@ -4,6 +4,7 @@ linear head) and MAML's meta-loss as a loop over tasks with ``torch.autograd.gra
 here uses metakit's inner loop, ``functional_call`` or the Conv4 module's forward."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +76,33 @@ def learner_grads(learner, batch) -> tuple[float, dict]:
     out = learner.meta_loss(batch)
     out.loss.backward()
     return out.loss.item(), {k: p.grad.clone() for k, p in learner.named_parameters() if p.requires_grad}
+
+
+def assert_matches_finite_differences(learner, batch, grads: dict, coordinates: int, directions: int, seed: int,
+                                      eps: float = 1e-6) -> None:
+    """Central finite differences of ``learner.meta_loss(batch)`` (float64) against ``grads``: ``coordinates``
+    random coordinates of every parameter tensor, then ``directions`` random directions through all of them."""
+    params = dict(learner.named_parameters())
+
+    def loss_at(shift: dict) -> float:
+        with torch.no_grad():
+            for k, d in shift.items():
+                params[k].add_(d)
+        value = learner.meta_loss(batch).loss.item()
+        with torch.no_grad():
+            for k, d in shift.items():
+                params[k].sub_(d)
+        return value
+
+    g = torch.Generator().manual_seed(seed)
+    for k, p in params.items():
+        for j in torch.randperm(p.numel(), generator=g)[:coordinates].tolist():
+            e = torch.zeros(p.numel(), dtype=p.dtype)
+            e[j] = eps
+            e = e.view(p.shape)
+            fd = (loss_at({k: e}) - loss_at({k: -e})) / (2 * eps)
+            assert fd == pytest.approx(grads[k].reshape(-1)[j].item(), rel=1e-5, abs=1e-8), (k, j)
+    for _ in range(directions):
+        v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
+        fd = (loss_at({k: eps * d for k, d in v.items()}) - loss_at({k: -eps * d for k, d in v.items()})) / (2 * eps)
+        assert fd == pytest.approx(sum((grads[k] * v[k]).sum().item() for k in v), rel=1e-5)

@@ -22,12 +22,7 @@ from synthetic import folder_config, make_image_folder
 LAYOUT = {"Delta": 20, "Epsilon": 22}  # Lake's protocol needs 20 characters in every alphabet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

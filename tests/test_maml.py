@@ -9,8 +9,8 @@ from metakit.algorithms import ANIL, FOMAML, MAML, build_learner
 from metakit.algorithms.inner_loop import SGDRule, adapt, forward, parameters_of
 from metakit.data import SinusoidSampler
 
-from gradient_reference import (SIZE, WAYS, adapted, conv4_forward, grads_of, learner_grads, maml_meta_loss,
-                                per_shot_cross_entropy, tiny_batch, tiny_options)
+from gradient_reference import (SIZE, WAYS, adapted, assert_matches_finite_differences, conv4_forward, grads_of,
+                                learner_grads, maml_meta_loss, per_shot_cross_entropy, tiny_batch, tiny_options)
 
 
 def tiny(cls=MAML, **options):
@@ -28,34 +28,9 @@ def test_second_order_meta_gradient_matches_central_finite_differences():
     learner = tiny(inner_lr=0.1, inner_steps=2)
     batch = tiny_batch()
     _, grads = learner_grads(learner, batch)
-    params = dict(learner.named_parameters())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in learner.modules())
-
-    def loss_at(shift: dict) -> float:
-        with torch.no_grad():
-            for k, d in shift.items():
-                params[k].add_(d)
-        value = learner.meta_loss(batch).loss.item()
-        with torch.no_grad():
-            for k, d in shift.items():
-                params[k].sub_(d)
-        return value
-
-    eps = 1e-6
-    g = torch.Generator().manual_seed(1)
-    # three coordinates of every parameter tensor (conv, BatchNorm scale and offset, head)
-    for k, p in params.items():
-        for j in torch.randperm(p.numel(), generator=g)[:3].tolist():
-            e = torch.zeros(p.numel(), dtype=p.dtype)
-            e[j] = eps
-            e = e.view(p.shape)
-            fd = (loss_at({k: e}) - loss_at({k: -e})) / (2 * eps)
-            assert fd == pytest.approx(grads[k].reshape(-1)[j].item(), rel=1e-5, abs=1e-8), (k, j)
-    # and whole random directions
-    for _ in range(2):
-        v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
-        fd = (loss_at({k: eps * d for k, d in v.items()}) - loss_at({k: -eps * d for k, d in v.items()})) / (2 * eps)
-        assert fd == pytest.approx(sum((grads[k] * v[k]).sum().item() for k in v), rel=1e-5)
+    # three coordinates of every parameter tensor (conv, BatchNorm scale and offset, head), then two directions
+    assert_matches_finite_differences(learner, batch, grads, coordinates=3, directions=2, seed=1)
 
 
 @pytest.mark.parametrize("inner_loss,reference_loss", [("mean", F.cross_entropy),

@@ -13,15 +13,11 @@ from metakit.engine import evaluate, fit
 from metakit.engine.fit import Experiment
 from metakit.tasks import TaskBatch
 
+from conftest import assert_adapt_equals_evaluation
 from synthetic import folder_config, make_image_folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cosine_attention_by_hand_and_rows_sum_to_one():
@@ -60,10 +56,7 @@ def test_adapt_gives_the_logits_of_meta_loss_and_gradients_reach_every_parameter
     assert torch.allclose(out.logits.exp().sum(-1), torch.ones(2, 6), atol=1e-5)  # P(y | x, S) sums to one
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
-    learner.eval()
-    with torch.no_grad():
-        logits = learner.meta_loss(TaskBatch(sx, sy, qx, qy, ways=3)).logits[1]
-    assert torch.allclose(learner.adapt(sx[1], sy[1])(qx[1]), logits, atol=1e-5)
+    assert_adapt_equals_evaluation(learner, TaskBatch(sx, sy, qx, qy, ways=3), task=1)
 
 
 def test_full_context_embeddings_follow_appendix_a():

@@ -24,12 +24,7 @@ from synthetic import make_image_folder
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cls=MetaLSTM, **options):

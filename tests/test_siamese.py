@@ -16,16 +16,11 @@ from metakit.engine.protocols import verification_accuracy
 from metakit.nn import KochNet
 from metakit.tasks import TaskBatch
 
+from conftest import assert_adapt_equals_evaluation
 from synthetic import folder_config, make_image_folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run faster on one thread (and a busy machine spins less); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def identity_siamese(**options) -> Siamese:
@@ -98,10 +93,7 @@ def test_adapt_gives_the_logits_of_meta_loss_and_gradients_reach_every_parameter
     sy, qy = torch.tensor([[2, 0, 1, 2, 0, 1]]), torch.tensor([[0, 1, 2] * 2])
     learner.meta_loss(TaskBatch(sx, sy, qx, qy, ways=3)).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
-    learner.eval()
-    with torch.no_grad():
-        logits = learner.meta_loss(TaskBatch(sx, sy, qx, qy, ways=3)).logits[0]
-    assert torch.allclose(learner.adapt(sx[0], sy[0])(qx[0]), logits, atol=1e-5)
+    assert_adapt_equals_evaluation(learner, TaskBatch(sx, sy, qx, qy, ways=3), task=0)
 
 
 def test_episode_pairs_are_balanced_valid_and_seeded():

@@ -86,7 +86,7 @@ class Reptile(MAML):
         are a small part of that batch, so the figures track the non-transductive ones that
         validation reports, at about half the cost per iteration of the paper's 5-way Omniglot setting."""
         if self.options.transductive or not self.uses_batch_statistics():
-            return forward(self.model, params, query_x)
+            return self.outputs(params, query_x, support_x)
         return forward(self.model, params, torch.cat([support_x, query_x]))[support_x.shape[0]:]
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:

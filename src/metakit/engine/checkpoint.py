@@ -74,11 +74,11 @@ def load(path: str | Path, model_overrides: list[str] | None = None) -> Learner:
         if not text.startswith("model."):
             raise ConfigError(f"--set {text}: only model.* options can change at evaluation "
                               "(the episodes have --ways, --shots, --queries, --episodes)")
-    if model_overrides:
-        from_dict(apply_overrides(state["config"], model_overrides))  # a bad override: ConfigError naming it
     try:
         config = from_dict(apply_overrides(state["config"], model_overrides))
     except (ConfigError, ValueError) as exc:
+        if model_overrides and isinstance(exc, ConfigError):
+            raise  # names the bad override
         raise CheckpointError(f"{path}: its config cannot be rebuilt by metakit {__version__} ({exc})") from None
     learner = build_from_config(config)
     try:

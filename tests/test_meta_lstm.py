@@ -165,6 +165,20 @@ def test_meta_gradient_equals_a_plain_reference_with_detached_or_kept_inner_grad
         assert not torch.allclose(grads["model.head.weight"], other["model.head.weight"], rtol=1e-4)
 
 
+def test_compiled_step_gives_the_eager_meta_loss_and_meta_gradient():
+    """``model.compile``: torch.compile of the per-coordinate step changes the time, not the numbers."""
+    batch = tiny_batch(B=1)
+    eager = tiny(inner_steps=2)
+    compiled = tiny(inner_steps=2, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.rule.step_fn is not eager.rule.step_fn
+    loss_e, grads_e = learner_grads(eager, batch)
+    loss_c, grads_c = learner_grads(compiled, batch)
+    assert loss_c == pytest.approx(loss_e, rel=1e-10)
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-7, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
 def test_meta_gradient_reaches_every_lstm_parameter_and_c0_and_matches_finite_differences():
     """Second order with the loss input cut off is the exact derivative of the meta-loss."""
     batch = tiny_batch(B=1)

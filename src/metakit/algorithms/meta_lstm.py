@@ -87,7 +87,8 @@ class MetaLSTMRule(nn.Module, UpdateRule):
         f_t      = sigmoid(W_F . [h_t, theta_{t-1,k}, f_{t-1}] + b_F)     # forget gate: 1 for SGD
         theta_t  = f_t * theta_{t-1,k} - i_t * grad_k                    # c_t = f c_{t-1} + i (-grad)
 
-    All coordinates of all adapted parameters go through as one batch ``[P, ...]``. The state
+    All coordinates of all adapted parameters go through as one batch, coordinates last
+(:func:`coordinate_step`: ``h``, ``s`` are ``[H, P]``). The state
     (``h``, ``s`` of the first layer, the previous ``i`` and ``f``) lives in the adaptation's
     ``state`` dict, never on ``self``. With ``state["gates"]`` a list, each step appends its
     gate values ``(i [P], f [P])`` there (detached), in the order of the parameters given.
@@ -115,11 +116,6 @@ class MetaLSTMRule(nn.Module, UpdateRule):
             self.bias_forget.uniform_(4.0, 5.0)
             self.bias_input.uniform_(-5.0, -4.0)
 
-    def _gate(self, weight: Tensor, bias: Tensor, h: Tensor, theta: Tensor, previous: Tensor) -> Tensor:
-        """``sigmoid(W . [h, theta, previous] + b)``: h ``[P, H]``, theta and previous ``[P]`` -> ``[P]``."""
-        H = self.hidden
-        return torch.sigmoid(h @ weight[:H] + theta * weight[H] + previous * weight[H + 1] + bias)
-
     def update(self, params: Params, grads: Params, step: int, state: dict) -> Params:
         names = list(grads)
         theta = torch.cat([params[k].reshape(-1) for k in names])  # [P], c_{t-1}
@@ -128,20 +124,50 @@ class MetaLSTMRule(nn.Module, UpdateRule):
         if loss.dim() != 0:
             raise ValueError("MetaLSTMRule adapts one task at a time: state['loss'] must be a scalar")
         P = theta.numel()
-        x = torch.cat([preprocess(grad, self.p), preprocess(loss, self.p).expand(P, 2)], dim=1)  # [P, 4]
         previous = state.get("meta_lstm")
-        if previous is None:
-            zeros = theta.new_zeros(P)
-            previous = {"hx": None, "i": zeros, "f": zeros}
-        h, s = self.lstm(x, previous["hx"])  # [P, H] each
-        i = self._gate(self.weight_input, self.bias_input, h, theta, previous["i"])    # [P]
-        f = self._gate(self.weight_forget, self.bias_forget, h, theta, previous["f"])  # [P]
-        new = f * theta - i * grad  # [P], c_t
+        if previous is None:  # the reference's zero states and gates
+            zeros, hidden = theta.new_zeros(P), theta.new_zeros(self.hidden, P)
+            previous = {"hx": (hidden, hidden), "i": zeros, "f": zeros}
+        lstm = self.lstm
+        new, h, s, i, f = self.step_fn(grad, theta, loss, *previous["hx"], previous["i"], previous["f"],
+                                       lstm.weight_ih, lstm.weight_hh, lstm.bias_ih + lstm.bias_hh,
+                                       self.weight_input, self.bias_input, self.weight_forget, self.bias_forget,
+                                       self.p)
         state["meta_lstm"] = {"hx": (h, s), "i": i, "f": f}
         if isinstance(state.get("gates"), list):
             state["gates"].append((i.detach(), f.detach()))
         sizes = [params[k].numel() for k in names]
         return {k: v.view_as(params[k]) for k, v in zip(names, new.split(sizes))}
+
+    @property
+    def step_fn(self):
+        """:func:`coordinate_step`, compiled by ``torch.compile`` once :meth:`compile_step` was called."""
+        return getattr(self, "_compiled", None) or coordinate_step
+
+    def compile_step(self) -> None:
+        """Fuse :func:`coordinate_step` with ``torch.compile`` (about 2x less time per step on CPU: its
+        dozen elementwise passes over ``[H, P]`` become one; numbers equal to rounding)."""
+        self._compiled = torch.compile(coordinate_step, dynamic=False)
+
+
+def coordinate_step(grad: Tensor, theta: Tensor, loss: Tensor, h: Tensor, s: Tensor, i_prev: Tensor, f_prev: Tensor,
+                    weight_ih: Tensor, weight_hh: Tensor, bias: Tensor, w_i: Tensor, b_i: Tensor, w_f: Tensor,
+                    b_f: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One step of :class:`MetaLSTMRule` for all ``P`` coordinates, coordinates last (each gate a
+    contiguous ``[H, P]`` block): grad, theta, i_prev, f_prev ``[P]``; loss ``[]``; h, s ``[H, P]``;
+    ``nn.LSTMCell``'s weights ``[4H, 4]``, ``[4H, H]``, bias ``[4H]`` (gates in its order i, f, g, o).
+    Returns ``theta_t, h_t, s_t, i_t, f_t``. The loss is the same for every coordinate, so its part
+    of the LSTM's input product is one column ``[4H, 1]``."""
+    H = h.shape[0]
+    g_in = preprocess(grad, p).t()                                                   # [2, P]
+    constant = weight_ih[:, 2:] @ preprocess(loss, p) + bias                         # [4H]
+    z = torch.addmm(constant[:, None], weight_ih[:, :2], g_in) + weight_hh @ h       # [4H, P]
+    z_i, z_f, z_g, z_o = z.chunk(4, 0)                                               # [H, P] each
+    s = torch.sigmoid(z_f) * s + torch.sigmoid(z_i) * torch.tanh(z_g)
+    h = torch.sigmoid(z_o) * torch.tanh(s)
+    i = torch.sigmoid(w_i[:H] @ h + theta * w_i[H] + i_prev * w_i[H + 1] + b_i)       # [P], the step
+    f = torch.sigmoid(w_f[:H] @ h + theta * w_f[H] + f_prev * w_f[H + 1] + b_f)       # [P], 1 for SGD
+    return f * theta - i * grad, h, s, i, f                                          # c_t = f c_{t-1} + i (-grad)
 
 
 def detach_state(state: dict) -> None:
@@ -181,6 +207,7 @@ class MetaLSTM(MAML):
         bn: str = "batch"                 # batch: current-batch statistics, training and test | running
         inner_loss: str = "mean"          # mean | per_shot (summed / K)
         transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
+        compile: bool = False             # fuse the rule's per-coordinate step with torch.compile (needs a C++ compiler)
 
         batched = False                   # not an option: the batched path does not know the LSTM rule
 
@@ -200,6 +227,8 @@ class MetaLSTM(MAML):
                 raise ValueError(f"meta_lstm: model.{key} must be {must}, got {value}")
         super().__init__(options, in_channels=in_channels, image_size=image_size, ways=ways, task=task)
         self.rule = MetaLSTMRule(options.lstm_hidden, options.preprocess_p)
+        if options.compile:
+            self.rule.compile_step()
 
     def update_rule(self, training: bool) -> UpdateRule:
         return self.rule

@@ -7,7 +7,9 @@ statistics, 5-way 1-shot Omniglot shapes (28x28), meta-batch 32, 1 inner step (a
 mean support cross-entropy), 15 queries per class; second order (MAML, Finn et al. 2017, eq. 1-3)
 and first order (sec. 5.2). Implementations:
 
-- ``metakit-batched`` (the default path, the one the ratios are to), ``metakit-recompute`` (the
+- ``metakit-batched`` (the default path, the one the ratios are to), ``metakit-chunked`` (the same,
+  back-propagated every ``--chunk`` tasks as with ``train.tasks_per_backward``: one chunk's graph
+  in memory at a time), ``metakit-recompute`` (the
   same with ``recompute_queries``: less memory, one more query forward pass), ``metakit-loop``
   (``batched=False``): :class:`metakit.algorithms.MAML`, whose ``meta_loss`` returns one loss for
   the whole meta-batch, so its graph holds every task until ``backward``;
@@ -128,7 +130,7 @@ def install_peers(venv: Path, log_path: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # the implementations, each built in its own process from the same weights and tasks
 
-IMPLS = ("metakit-batched", "metakit-recompute", "metakit-loop", "plain", "learn2learn", "higher")
+IMPLS = ("metakit-batched", "metakit-chunked", "metakit-recompute", "metakit-loop", "plain", "learn2learn", "higher")
 PEERS = ("learn2learn", "higher")
 OURS = "metakit-batched"  # metakit's default path: the ratios are to it
 
@@ -149,7 +151,7 @@ def peer_model(state):
     return model
 
 
-def build(impl: str, state: dict, first_order: bool):
+def build(impl: str, state: dict, first_order: bool, chunk: int = 8):
     """``step()``: one meta-iteration (meta-gradients into ``.grad`` or returned); returns ``{name: grad}``."""
     import torch
     import torch.nn.functional as F
@@ -159,6 +161,7 @@ def build(impl: str, state: dict, first_order: bool):
     if impl.startswith("metakit"):
         sys.path.insert(0, str(ROOT / "src"))
         from metakit.algorithms import MAML
+        from metakit.engine.fit import meta_backward
         from metakit.tasks import TaskBatch
         learner = MAML(MAML.Options(hidden=state["hidden"], inner_lr=lr, first_order=first_order,
                                     batched=impl != "metakit-loop", recompute_queries=impl == "metakit-recompute"),
@@ -167,9 +170,11 @@ def build(impl: str, state: dict, first_order: bool):
         learner.train()
         batch = TaskBatch(sx, sy, qx, qy, ways=state["ways"])
 
-        def step():
+        tasks_per_backward = chunk if impl == "metakit-chunked" else 0
+
+        def step():  # as the engine's training step
             learner.zero_grad(set_to_none=True)
-            learner.meta_loss(batch).loss.backward()
+            meta_backward(learner, batch, tasks_per_backward)
             return {k: p.grad for k, p in learner.model.named_parameters()}
         return step
 
@@ -249,7 +254,7 @@ def worker(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
     state = torch.load(args.state)
-    step = build(args.worker, state, args.order == "first")
+    step = build(args.worker, state, args.order == "first", args.chunk)
     rss_before = maxrss_mb()
     grads = step()  # also the warm-up
     torch.save({k: g.detach().clone() for k, g in grads.items()}, args.grads)
@@ -264,7 +269,8 @@ def worker(args) -> None:
             break
     if args.check_tasks:  # after the memory reading: the same code in float64 on the first tasks
         del step, grads
-        grads = build(args.worker, float64_subset(state, args.check_tasks), args.order == "first")()
+        grads = build(args.worker, float64_subset(state, args.check_tasks), args.order == "first",
+                      max(1, args.chunk * args.check_tasks // args.meta_batch))()  # chunks there too
         torch.save({k: g.detach().clone() for k, g in grads.items()}, args.grads + ".float64")
         print(json.dumps({"checked": True}), flush=True)
 
@@ -322,7 +328,8 @@ class Worker:
         self.stderr = tmp / f"{impl}-{args.order}.stderr"
         self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker", impl, "--order", args.order,
                                       "--state", str(state), "--grads", str(self.grads), "--threads", str(args.threads),
-                                      "--check-tasks", str(args.check_tasks)],
+                                      "--check-tasks", str(args.check_tasks), "--chunk", str(args.chunk),
+                                      "--meta-batch", str(args.meta_batch)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.stderr, "w"), text=True,
                                      env=env, cwd=str(ROOT))
         self.times: list[dict] = []
@@ -442,6 +449,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--meta-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=8,
+                        help="metakit-chunked: tasks per backward (train.tasks_per_backward)")
     parser.add_argument("--check-tasks", type=int, default=4,
                         help="tasks in the float64 meta-gradient check of every implementation (0: no check)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")

@@ -54,6 +54,7 @@ class TrainConfig:
     lr_gamma: float = 0.5
     momentum: float = 0.9            # sgd only (Reptile's outer loop: 0)
     max_grad_norm: float = 0.0       # clip the meta-gradient's global norm (Meta-Learner LSTM: 0.25); 0: off
+    tasks_per_backward: int = 0      # backward after every this many tasks (memory of one chunk); 0: one backward
     weight_decay: float = 0.0
     log_every: int = 50
     val_every: int = 500
@@ -66,6 +67,8 @@ class TrainConfig:
                                     ("lr_schedule", self.lr_schedule, ("step", "linear"))):
             if value not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
+        if self.tasks_per_backward < 0:
+            raise ConfigError(f"train.tasks_per_backward must be >= 0, got {self.tasks_per_backward}")
 
 
 @dataclass

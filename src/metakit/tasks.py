@@ -48,7 +48,11 @@ class TaskBatch:
 
     def task(self, i: int) -> "TaskBatch":
         """Task ``i`` as a batch of one."""
-        s = slice(i, i + 1)
+        return self.tasks(i, i + 1)
+
+    def tasks(self, lo: int, hi: int) -> "TaskBatch":
+        """Tasks ``lo .. hi - 1`` as a batch (views, no copy)."""
+        s = slice(lo, hi)
         return TaskBatch(self.support_x[s], self.support_y[s], self.query_x[s], self.query_y[s], self.ways)
 
 

@@ -173,9 +173,7 @@ class Context:
         if not self.distributed:
             return batch
         lo, hi = shard(batch.meta_batch_size, self.rank, self.world_size)
-        part = TaskBatch(batch.support_x[lo:hi], batch.support_y[lo:hi], batch.query_x[lo:hi],
-                         batch.query_y[lo:hi], batch.ways)
-        return part.to(self.device)
+        return batch.tasks(lo, hi).to(self.device)
 
     def begin_step(self, learner: nn.Module, step: int) -> dict | None:
         """Before the step numbered ``step + 1``: the buffers as they are (to combine their updates)."""

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..algorithms import Learner
 from ..config import Config, dump_config, from_dict
 from ..data import EpisodeError, check_episode, load_split, make_sampler
+from ..tasks import TaskBatch
 from . import checkpoint, distributed
 
 
@@ -33,6 +34,30 @@ class FitResult:
     step: int
     best: dict | None
     elapsed: float
+
+
+def meta_backward(learner: Learner, batch: TaskBatch, tasks_per_backward: int = 0) -> dict[str, float]:
+    """``learner.meta_loss(batch).loss.backward()``, the meta-gradient into ``.grad``; returns the metrics.
+
+    With ``tasks_per_backward = c`` (``0 < c < B``) the meta-batch goes in chunks of ``c`` tasks, each
+    chunk's loss weighted by its share ``c / B`` and back-propagated before the next chunk is built:
+    the meta-loss is the mean over tasks, so the gradient is the same sum, while only one chunk's
+    graph (for second-order MAML, every inner step's activations of its tasks) is alive at a time.
+    Metrics are the same task-weighted means."""
+    B = batch.meta_batch_size
+    if tasks_per_backward <= 0 or tasks_per_backward >= B:
+        out = learner.meta_loss(batch)
+        out.loss.backward()
+        return out.metrics
+    metrics: dict[str, float] = {}
+    for lo in range(0, B, tasks_per_backward):
+        part = batch.tasks(lo, min(lo + tasks_per_backward, B))
+        share = part.meta_batch_size / B
+        out = learner.meta_loss(part)
+        (out.loss * share).backward()
+        for key, value in out.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value * share
+    return metrics
 
 
 def check_ways(learner: Learner, ways: int | None, what: str = "eval.ways") -> None:
@@ -222,10 +247,9 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
             start = time.perf_counter()
             batch = sampler.sample()  # the whole meta-batch, on every process
             before = ctx.begin_step(learner, step)
-            out = learner.meta_loss(ctx.shard_batch(batch))  # this process's tasks
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            metrics = ctx.finish_step(learner, out.metrics, batch.meta_batch_size, before)  # all-reduce
+            metrics = meta_backward(learner, ctx.shard_batch(batch), t.tasks_per_backward)  # this process's tasks
+            metrics = ctx.finish_step(learner, metrics, batch.meta_batch_size, before)  # all-reduce
             if t.max_grad_norm > 0:  # on the averaged meta-gradient, so every process clips alike
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
             optimizer.step()

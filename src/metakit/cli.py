@@ -265,7 +265,9 @@ def cmd_gates(args) -> int:
             print(f"  {layer:<{width}}  " + " ".join(f"{v[g]:.4f}" for v in values))
     out = args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_gates.png"
     shots = f"{e.ways}-way {e.shots}-shot, " if dataset is not None else ""
-    path = plot_gates(trace, out, args.sgd_lr, title=f"meta_lstm gates, {shots}mean of {args.episodes} tasks")
+    # MAML's alpha = 0.4 is on the per-shot loss (summed / K): on the mean over N*K examples it is 0.4 N
+    sgd_lr = args.sgd_lr if args.sgd_lr is not None else 0.4 * (e.ways if learner.options.inner_loss == "mean" else 1)
+    path = plot_gates(trace, out, sgd_lr, title=f"meta_lstm gates, {shots}mean of {args.episodes} tasks")
     print(f"gate values per inner step written to {path}")
     return 0
 
@@ -342,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default CHECKPOINT_gates.png)")
     p.add_argument("--episodes", type=int, default=20, help="tasks averaged (default 20)")
     p.add_argument("--split", help="data split of the tasks (default: the config's test split)")
-    p.add_argument("--sgd-lr", type=float, default=0.4,
-                   help="the SGD step drawn for comparison (default 0.4, MAML's inner step on the mean loss)")
+    p.add_argument("--sgd-lr", type=float, default=None,
+                   help="the SGD step drawn for comparison (default: MAML's Omniglot step, 0.4 on the per-shot "
+                        "loss, i.e. 0.4 * ways on the mean loss)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
     p.set_defaults(func=cmd_gates)

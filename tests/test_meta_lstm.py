@@ -179,6 +179,13 @@ def test_compiled_step_gives_the_eager_meta_loss_and_meta_gradient():
         torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-7, atol=1e-12, msg=lambda m: f"{k}: {m}")
 
 
+def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch):
+    from torch._inductor import config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler-xyz",))
+    with pytest.raises(ValueError, match="model.compile needs a C.. compiler.*model.compile=false"):
+        tiny(compile=True)
+
+
 def test_meta_gradient_reaches_every_lstm_parameter_and_c0_and_matches_finite_differences():
     """Second order with the loss input cut off is the exact derivative of the meta-loss."""
     batch = tiny_batch(B=1)

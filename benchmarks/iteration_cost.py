@@ -20,8 +20,8 @@ from metakit.config import load_config
 from metakit.engine.fit import Experiment, make_optimizer
 
 
-def cost(path: str, warmup: int, iterations: int) -> dict:
-    config = load_config(path)
+def cost(path: str, warmup: int, iterations: int, overrides: list[str] | None = None) -> dict:
+    config = load_config(path, overrides or [])
     exp = Experiment(config, need_val=False)
     learner, sampler = exp.learner, exp.train_sampler()
     optimizer = make_optimizer(learner, config.train)
@@ -36,7 +36,7 @@ def cost(path: str, warmup: int, iterations: int) -> dict:
         if i >= warmup:
             times.append(time.process_time() - start)
     per_iteration = statistics.median(times)
-    return {"config": path, "algorithm": config.algorithm, "meta_batch": config.train.meta_batch_size,
+    return {"config": path, **({"set": overrides} if overrides else {}), "algorithm": config.algorithm, "meta_batch": config.train.meta_batch_size,
             "cpu_s_per_iteration": round(per_iteration, 3), "steps": config.train.steps,
             "full_schedule_h": round(per_iteration * config.train.steps / 3600, 1)}
 
@@ -46,10 +46,12 @@ def main() -> None:
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value in every config (repeatable), as metakit train --set")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for path in args.configs:
-        print(json.dumps(cost(path, args.warmup, args.iterations)), flush=True)
+        print(json.dumps(cost(path, args.warmup, args.iterations, args.set)), flush=True)
 
 
 if __name__ == "__main__":

@@ -180,8 +180,11 @@ def test_compiled_step_gives_the_eager_meta_loss_and_meta_gradient():
 
 
 def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch):
-    from torch._inductor import config as inductor_config
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler-xyz",))
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)  # as on a machine without g++
     with pytest.raises(ValueError, match="model.compile needs a C.. compiler.*model.compile=false"):
         tiny(compile=True)
 

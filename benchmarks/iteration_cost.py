@@ -2,7 +2,7 @@
 
     python benchmarks/iteration_cost.py configs/omniglot/maml_5w1s.yaml configs/omniglot/maml_20w1s.yaml ...
 
-For each config: the engine's step (sample the meta-batch, ``meta_loss``, backward, optimizer step) on one
+For each config: the engine's step (sample the meta-batch, ``meta_backward``, optimizer step) on one
 thread, ``--warmup`` untimed iterations then ``--iterations`` timed ones; prints one JSON line with the
 median *process CPU time* per iteration (on one thread it hardly depends on what else the shared machine
 runs, unlike wall time) and ``train.steps`` times it, the single-core estimate of the full schedule.
@@ -17,7 +17,7 @@ import time
 import torch
 
 from metakit.config import load_config
-from metakit.engine.fit import Experiment, make_optimizer
+from metakit.engine.fit import Experiment, make_optimizer, meta_backward
 
 
 def cost(path: str, warmup: int, iterations: int, overrides: list[str] | None = None) -> dict:
@@ -29,9 +29,8 @@ def cost(path: str, warmup: int, iterations: int, overrides: list[str] | None = 
     times = []
     for i in range(warmup + iterations):
         start = time.process_time()
-        out = learner.meta_loss(sampler.sample())
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        meta_backward(learner, sampler.sample(), config.train.tasks_per_backward)  # as fit's step
         optimizer.step()
         if i >= warmup:
             times.append(time.process_time() - start)

@@ -101,6 +101,7 @@ class MetaLSTMRule(nn.Module, UpdateRule):
     def __init__(self, hidden: int = 20, p: float = 10.0) -> None:
         super().__init__()
         self.hidden, self.p = hidden, p
+        self.step_fn = coordinate_step  # torch.compile'd by compile_step()
         self.lstm = nn.LSTMCell(4, hidden)
         self.weight_input = nn.Parameter(torch.empty(hidden + 2))   # W_I
         self.bias_input = nn.Parameter(torch.empty(()))              # b_I
@@ -139,17 +140,12 @@ class MetaLSTMRule(nn.Module, UpdateRule):
         sizes = [params[k].numel() for k in names]
         return {k: v.view_as(params[k]) for k, v in zip(names, new.split(sizes))}
 
-    @property
-    def step_fn(self):
-        """:func:`coordinate_step`, compiled by ``torch.compile`` once :meth:`compile_step` was called."""
-        return getattr(self, "_compiled", None) or coordinate_step
-
     def compile_step(self) -> None:
         """Fuse :func:`coordinate_step` with ``torch.compile``: its dozen elementwise passes over ``[H, P]``
         become one (a 5-way 1-shot Omniglot episode: 1.47 against 2.15 CPU s, ``benchmarks/RESULTS.md``);
         the numbers are equal to rounding (tested)."""
         check_compiler()
-        self._compiled = torch.compile(coordinate_step, dynamic=False)
+        self.step_fn = torch.compile(coordinate_step, dynamic=False)
 
 
 def check_compiler() -> None:

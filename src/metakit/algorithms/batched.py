@@ -261,9 +261,13 @@ def _chunks(B: int, size: int | None) -> list[slice]:
     return [slice(s, min(s + size, B)) for s in range(0, B, size)]
 
 
-def _take(params: Params, theta: Params, s: slice) -> Params:
-    """Tasks ``s`` of per-task parameters; shared ones as they are."""
-    return {k: v[s] if v.dim() == theta[k].dim() + 1 else v for k, v in params.items()}
+def _take(params: Params, theta: Params, parts: list[slice]) -> list[Params]:
+    """The parameters of each part of the tasks (per-task ones split, shared ones as they are).
+    One ``split`` per tensor: its backward is one concatenation, where a slice per part would
+    add each part's gradient into its own zero-filled ``[B, ...]`` buffer."""
+    sizes = [s.stop - s.start for s in parts]
+    split = {k: v.split(sizes) for k, v in params.items() if v.dim() == theta[k].dim() + 1}
+    return [{k: split[k][i] if k in split else v for k, v in params.items()} for i in range(len(parts))]
 
 
 def layout_for(x: Tensor) -> dict:
@@ -314,8 +318,8 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                 fast[k] = v.expand(B, *v.shape) if v.dim() == theta[k].dim() else v  # [B, *shape]
             current = {**params, **fast}
             losses = torch.cat([task_losses(support_loss, leave(run_layers(
-                adapted, _take(current, theta, s), h, s.stop - s.start), s.stop - s.start), support_y[s])
-                for s, h in zip(support_parts, support_h)])  # [B]
+                adapted, p, h, s.stop - s.start), s.stop - s.start), support_y[s])
+                for s, h, p in zip(support_parts, support_h, _take(current, theta, support_parts))])  # [B]
             state["loss"] = losses.detach()
             grads = torch.autograd.grad(losses.sum(), [fast[k] for k in names],
                                         create_graph=training and not first_order, materialize_grads=True)
@@ -330,11 +334,12 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
 
     losses, outs = [], []
     with grad_ctx:
-        for s in _chunks(B, query_chunk):
+        query_parts = _chunks(B, query_chunk)
+        for s, p in zip(query_parts, _take(params, theta, query_parts)):
             if recompute_queries and training:
-                loss, out = checkpoint(query_pass, _take(params, theta, s), query_x[s], query_y[s], use_reentrant=False)
+                loss, out = checkpoint(query_pass, p, query_x[s], query_y[s], use_reentrant=False)
             else:
-                loss, out = query_pass(_take(params, theta, s), query_x[s], query_y[s])
+                loss, out = query_pass(p, query_x[s], query_y[s])
             losses.append(loss)  # [c]
             outs.append(out)  # [c, M, N]
     return torch.cat(losses), torch.cat(outs)

@@ -5,12 +5,14 @@
 For each config: the engine's step (sample the meta-batch, ``meta_backward``, optimizer step) on one
 thread, ``--warmup`` untimed iterations then ``--iterations`` timed ones; prints one JSON line with the
 median *process CPU time* per iteration (on one thread it hardly depends on what else the shared machine
-runs, unlike wall time) and ``train.steps`` times it, the single-core estimate of the full schedule.
+runs, unlike wall time) and ``train.steps`` times it, the single-core estimate of the full schedule;
+also the minor page faults per iteration and the peak resident memory (see ``page_faults.py``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -18,6 +20,7 @@ import torch
 
 from metakit.config import load_config
 from metakit.engine.fit import Experiment, make_optimizer, meta_backward
+from metakit.engine.malloc import keep_freed_memory
 
 
 def cost(path: str, warmup: int, iterations: int, overrides: list[str] | None = None) -> dict:
@@ -26,8 +29,10 @@ def cost(path: str, warmup: int, iterations: int, overrides: list[str] | None = 
     learner, sampler = exp.learner, exp.train_sampler()
     optimizer = make_optimizer(learner, config.train)
     learner.train()
-    times = []
+    times, faults = [], 0
     for i in range(warmup + iterations):
+        if i == warmup:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.process_time()
         optimizer.zero_grad(set_to_none=True)
         meta_backward(learner, sampler.sample(), config.train.tasks_per_backward)  # as fit's step
@@ -35,8 +40,10 @@ def cost(path: str, warmup: int, iterations: int, overrides: list[str] | None = 
         if i >= warmup:
             times.append(time.process_time() - start)
     per_iteration = statistics.median(times)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // iterations
     return {"config": path, **({"set": overrides} if overrides else {}), "algorithm": config.algorithm, "meta_batch": config.train.meta_batch_size,
-            "cpu_s_per_iteration": round(per_iteration, 3), "steps": config.train.steps,
+            "cpu_s_per_iteration": round(per_iteration, 3), "minor_page_faults_per_iteration": faults,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "steps": config.train.steps,
             "full_schedule_h": round(per_iteration * config.train.steps / 3600, 1)}
 
 
@@ -49,6 +56,7 @@ def main() -> None:
                         help="override a config value in every config (repeatable), as metakit train --set")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the metakit command does (METAKIT_MALLOC=system: glibc's defaults)
     for path in args.configs:
         print(json.dumps(cost(path, args.warmup, args.iterations, args.set)), flush=True)
 

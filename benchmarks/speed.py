@@ -325,6 +325,9 @@ class Worker:
     def __init__(self, impl: str, python: Path, args, state: Path, tmp: Path) -> None:
         self.impl, self.grads = impl, tmp / f"{impl}-{args.order}.grads.pt"
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        if args.malloc == "kept":  # metakit's setting (metakit.engine.malloc), given to every implementation alike
+            from metakit.engine.malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+            env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
         self.stderr = tmp / f"{impl}-{args.order}.stderr"
         self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker", impl, "--order", args.order,
                                       "--state", str(state), "--grads", str(self.grads), "--threads", str(args.threads),
@@ -400,7 +403,7 @@ def run_order(args, impls: list[str], pythons: dict, state: Path, tmp: Path) -> 
 def report(rows: list[dict], args, source: str, skipped: dict) -> str:
     lines = [f"MAML meta-iteration, Conv4 {args.hidden} filters + BatchNorm (batch statistics), {args.ways}-way "
              f"{args.shots}-shot 28x28 ({source}), {args.queries} queries per class, meta-batch {args.meta_batch}, "
-             f"1 inner step; {args.threads} thread(s); medians of {args.repeats} interleaved rounds.", "",
+             f"1 inner step; {args.threads} thread(s); malloc: {args.malloc}; medians of {args.repeats} interleaved rounds.", "",
              "| order | implementation | wall s | CPU s | wall / ours | CPU / ours | peak RSS MB (+ over start) "
              f"| float64 meta-gradient vs reference "
              f"({f'{min(args.check_tasks, args.meta_batch)} tasks' if args.check_tasks else 'not run'}) "
@@ -453,6 +456,9 @@ def main() -> None:
                         help="metakit-chunked: tasks per backward (train.tasks_per_backward)")
     parser.add_argument("--check-tasks", type=int, default=4,
                         help="tasks in the float64 meta-gradient check of every implementation (0: no check)")
+    parser.add_argument("--malloc", choices=["system", "kept"], default="system",
+                        help="glibc's defaults in every process, or metakit's setting (freed memory kept for reuse, "
+                             "as the metakit command runs) in every process, the peers' included")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     # internal: one implementation's process
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)

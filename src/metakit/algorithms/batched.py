@@ -47,6 +47,20 @@ loop at about 3.6-3.8 s) and what it decided, in :func:`layout_for`:
 - ``torch.func.vmap`` is not used: over ``nn.BatchNorm2d`` it gives a wrong second-order
   meta-gradient on torch 2.13, and it is slow on CPU (issue 3).
 
+Tried in session 4 and not kept (same step, interleaved in one process, on a machine loaded by two
+trainings, so only ratios):
+
+- the first layer (a 3x3 convolution of one channel) as one matrix multiply of its ``unfold``
+  patches, with a column of ones for the bias: alone, forward and weight gradient of 75 images
+  took 7.2 ms against mkldnn's 14.9 ms, but the query pass with it took 1.04x the time and the
+  whole step 1.00x: what it saved came back in the layers after it;
+- the support pass one task at a time: in channels-last 1.10x the time of the grouped pass, in
+  NCHW 1.08x (the same numbers in float64, 1e-14). The grouped support pass still costs about 30%
+  of the step (the query pass alone: 0.70x), mostly BatchNorm's double backward and max-pooling on the 32 MB
+  ``[5, 2048, 28, 28]`` layer-one activation;
+- that BatchNorm written from basic ops (mean, mean of centred squares, ``addcmul``), so that its
+  double backward is autograd's of those instead of ``native_batch_norm``'s: 0.99x, within noise.
+
 On a GPU the caches argument does not hold and :func:`layout_for` keeps the whole meta-batch in
 one call (not measured here: no GPU on this machine).
 """

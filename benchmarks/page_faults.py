@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 
-
 def measure(config: str, env: dict, warmup: int, iterations: int, overrides: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).with_name("iteration_cost.py")), config,
            "--warmup", str(warmup), "--iterations", str(iterations)] + [a for kv in overrides for a in ("--set", kv)]

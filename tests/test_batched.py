@@ -21,6 +21,7 @@ CASES = {
     "anil": (ANIL, dict(inner_lr=0.1, inner_steps=2)),
     "metasgd": (MetaSGD, dict(inner_steps=2)),  # alpha drawn per coordinate in [0.005, 0.1]
     "maml-per-shot": (MAML, dict(inner_lr=0.1, inner_loss="per_shot")),
+    "maml-strided": (MAML, dict(inner_lr=0.1, inner_steps=2, pool="stride")),  # the MAML reference's Omniglot net
 }
 
 
@@ -82,8 +83,9 @@ def test_batched_eval_schedule_equals_the_loop_and_records_nothing(case, monkeyp
     assert all(torch.equal(before[k], v) for k, v in batched.state_dict().items())
 
 
-def test_batched_second_order_meta_gradient_matches_central_finite_differences(monkeypatch):
-    _, learner = pair(MAML, inner_lr=0.1, inner_steps=2)
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_batched_second_order_meta_gradient_matches_central_finite_differences(pool, monkeypatch):
+    _, learner = pair(MAML, inner_lr=0.1, inner_steps=2, pool=pool)
     batched_only(learner, monkeypatch)
     batch = tiny_batch(B=2)
     _, grads = learner_grads(learner, batch)

@@ -20,3 +20,18 @@ def test_conv4_shapes():
     assert Conv4(image_size=84)(torch.rand(2, 1, 84, 84)).shape == (2, 64 * 25)
     assert Conv4(in_channels=3, out_features=5)(torch.rand(2, 3, 28, 28)).shape == (2, 5)
     assert MLP()(torch.rand(7, 1)).shape == (7, 1)
+
+
+def test_strided_conv4_is_the_maml_reference_network():
+    """``pool="stride"``: stride-2 convolutions, no max-pool, the mean over the last 2x2 map (28 -> 14 -> 7 -> 4 -> 2)."""
+    torch.manual_seed(0)
+    net = Conv4(hidden=8, out_features=5, pool="stride").double()
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    assert all(block[0].stride == (2, 2) for block in net.features)
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    h = x
+    for conv, bn, relu in net.features:
+        h = relu(bn(conv(h)))
+    assert h.shape == (6, 8, 2, 2) and net.embedding_dim == 8
+    torch.testing.assert_close(net(x), net.head(h.mean((2, 3))))
+    assert Conv4(image_size=84, pool="stride")(torch.rand(2, 1, 84, 84)).shape == (2, 64)

@@ -87,7 +87,7 @@ class Unsupported(ValueError):
 
 @dataclass(frozen=True)
 class Layer:
-    """One step of the network: ``kind`` in conv, bn, maxpool, relu, flatten, linear; ``prefix``
+    """One step of the network: ``kind`` in conv, bn, maxpool, relu, flatten, mean, linear; ``prefix``
     names its parameters in ``model.named_parameters()`` (``prefix.weight``, ``prefix.bias``)."""
     kind: str
     prefix: str = ""
@@ -128,7 +128,7 @@ def _leaf(name: str, m: nn.Module) -> Layer:
 def plan(model: nn.Module) -> list[Layer]:
     """The layers of ``model`` in the order its ``forward`` runs them.
 
-    Known containers: :class:`~metakit.nn.Conv4` (``features``, flatten, optional ``head``),
+    Known containers: :class:`~metakit.nn.Conv4` (``features``, flatten or the mean over the map, optional ``head``),
     :class:`~metakit.nn.MLP` (``net``) and ``nn.Sequential``; leaves: ``Conv2d``, ``BatchNorm2d``
     on batch statistics, ``MaxPool2d``, ``ReLU``, ``Flatten``, ``Linear``. Anything else raises
     :class:`Unsupported`.
@@ -138,7 +138,8 @@ def plan(model: nn.Module) -> list[Layer]:
     def walk(name: str, m: nn.Module) -> list[Layer]:
         join = (lambda child: f"{name}.{child}" if name else child)
         if type(m) is Conv4:
-            layers = walk(join("features"), m.features) + [Layer("flatten", join("flatten"))]
+            end = Layer("mean", join("mean")) if m.pool == "stride" else Layer("flatten", join("flatten"))
+            layers = walk(join("features"), m.features) + [end]
             return layers + (walk(join("head"), m.head) if m.head is not None else [])
         if type(m) is MLP:
             return walk(join("net"), m.net)
@@ -234,6 +235,8 @@ def run_layers(layers: Iterable[Layer], params: Params, x: Tensor, B: int,
                 x = x.reshape(x.shape[0], B, -1).transpose(0, 1)
             else:  # [B, M, ...]
                 x = x.flatten(2)
+        elif layer.kind == "mean":  # [M, B*C, h, w] -> [B, M, C], the mean over the map
+            x = x.mean((2, 3)).reshape(x.shape[0], B, -1).transpose(0, 1)
         elif layer.kind == "linear":
             if x.dim() == 4:
                 raise Unsupported("a Linear layer on images needs a Flatten before it")

@@ -46,13 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MLP, Conv4
+from ..nn.conv4 import POOLS
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
 from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, layout_for, plan
 from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
-CHOICES = {"adapt": ("all", "head"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"),
+CHOICES = {"adapt": ("all", "head"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"), "pool": POOLS,
            "inner_loss": ("per_shot", "mean")}
 
 
@@ -65,6 +66,7 @@ class InnerLoopOptions:
     adapt: str = "all"                # which parameters adapt: all (MAML) | head (ANIL)
     backbone: str = "conv4"           # classification: conv4 | mlp (flattened pixels); regression: always mlp
     hidden: int = 64                  # conv4 filters per block
+    pool: str = "max"                 # conv4: max (2x2 max-pools, Vinyals et al.) | stride (stride-2 convs, the MAML reference's Omniglot net)
     mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])  # MLP hidden widths (MAML sec. 5.1)
     bn: str = "batch"                 # batch: current-batch statistics, training and test | running
     inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the reference: N x mean)
@@ -91,7 +93,7 @@ def build_model(options: InnerLoopOptions, in_channels: int, image_size: int, wa
         raise ValueError(f"task must be classification or regression, got {task!r}")
     if options.backbone == "conv4":
         return Conv4(in_channels, options.hidden, out_features=ways, image_size=image_size,
-                     bn_track_running_stats=options.bn == "running")
+                     bn_track_running_stats=options.bn == "running", pool=options.pool)
     return nn.Sequential(nn.Flatten(), MLP(in_channels * image_size * image_size, tuple(options.mlp_hidden), ways))
 
 

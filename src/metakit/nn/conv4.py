@@ -5,19 +5,24 @@ import torch
 from torch import Tensor, nn
 
 
-def conv_block(in_channels: int, out_channels: int, bn_track_running_stats: bool = True) -> nn.Sequential:
-    """3x3 conv (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool.
+POOLS = ("max", "stride")
+
+
+def conv_block(in_channels: int, out_channels: int, bn_track_running_stats: bool = True,
+               pool: str = "max") -> nn.Sequential:
+    """3x3 conv (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool (``pool="max"``), or a stride-2
+    3x3 conv -> BatchNorm -> ReLU (``pool="stride"``).
 
     Max-pool runs before ReLU: both are monotone, so ``relu(maxpool(x)) == maxpool(relu(x))``
     exactly, and the ReLU then touches a 4x smaller tensor. ``bn_track_running_stats=False``
     normalises with the statistics of the current batch in training and at test alike (MAML).
     """
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=bn_track_running_stats),
-        nn.MaxPool2d(2),
-        nn.ReLU(),
-    )
+    bn = nn.BatchNorm2d(out_channels, track_running_stats=bn_track_running_stats)
+    if pool == "stride":
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), bn, nn.ReLU())
+    if pool != "max":
+        raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), bn, nn.MaxPool2d(2), nn.ReLU())
 
 
 class Conv4(nn.Module):
@@ -29,21 +34,30 @@ class Conv4(nn.Module):
     Activations run in channels-last memory format, about 1.35x faster on CPU here
     (``benchmarks/RESULTS.md``). ``bn_track_running_stats=False`` keeps no running statistics:
     BatchNorm always uses the current batch's (as in the MAML reference implementation).
+
+    ``pool="stride"`` is the network of the MAML reference code on Omniglot (github.com/cbfinn/maml:
+    ``max_pool`` is off unless asked for, and its Omniglot commands do not ask): stride-2
+    convolutions in place of the max-pools, then the mean over the last map, ``[M, C, 28, 28] ->
+    [M, C, 2, 2] -> [M, hidden]`` (28 -> 14 -> 7 -> 4 -> 2). It does about a quarter of the max-pool
+    network's arithmetic. The reference pads as TensorFlow's ``SAME`` does (one extra row and
+    column at the bottom and right); here one on each side, which gives the same map sizes.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = None,
-                 image_size: int = 28, bn_track_running_stats: bool = True) -> None:
+                 image_size: int = 28, bn_track_running_stats: bool = True, pool: str = "max") -> None:
         super().__init__()
-        self.features = nn.Sequential(*(conv_block(in_channels if i == 0 else hidden, hidden, bn_track_running_stats)
-                                        for i in range(4)))
+        self.pool = pool
+        self.features = nn.Sequential(*(conv_block(in_channels if i == 0 else hidden, hidden, bn_track_running_stats,
+                                                   pool) for i in range(4)))
         side = image_size
         for _ in range(4):
-            side //= 2
-        self.embedding_dim = hidden * side * side
+            side = (side + 1) // 2 if pool == "stride" else side // 2
+        self.embedding_dim = hidden if pool == "stride" else hidden * side * side
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
         self.features.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)  # [M, C, H, W], stored as [M, H, W, C]
-        z = self.features(x).flatten(1)  # [M, embedding_dim]
+        z = self.features(x)  # [M, hidden, side, side]
+        z = z.mean((2, 3)) if self.pool == "stride" else z.flatten(1)  # [M, embedding_dim]
         return self.head(z) if self.head is not None else z

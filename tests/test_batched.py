@@ -21,7 +21,7 @@ CASES = {
     "anil": (ANIL, dict(inner_lr=0.1, inner_steps=2)),
     "metasgd": (MetaSGD, dict(inner_steps=2)),  # alpha drawn per coordinate in [0.005, 0.1]
     "maml-per-shot": (MAML, dict(inner_lr=0.1, inner_loss="per_shot")),
-    "maml-strided": (MAML, dict(inner_lr=0.1, inner_steps=2, pool="stride")),  # the MAML reference's Omniglot net
+    "maml-strided-no-bn": (MAML, dict(inner_lr=0.1, inner_steps=2, pool="stride", adapt="no_bn")),  # the MAML reference's
 }
 
 

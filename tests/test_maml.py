@@ -77,6 +77,24 @@ def test_anil_equals_maml_with_the_body_frozen():
     assert fast["head.weight"] is not theta["head.weight"]
 
 
+def test_no_bn_adapts_all_but_batchnorm_as_the_maml_reference():
+    """``adapt="no_bn"``: BatchNorm's scale and offset pass through the inner loop unchanged and are meta-learned."""
+    batch = tiny_batch()
+    learner = tiny(MAML, inner_lr=0.1, inner_steps=2, adapt="no_bn")
+    bn = [f"features.{i}.1.{n}" for i in range(4) for n in ("weight", "bias")]  # features.i.1: the BatchNorm of block i
+    assert all(isinstance(learner.model.get_submodule(k.rsplit(".", 1)[0]), torch.nn.BatchNorm2d) for k in bn)
+    assert bn and not set(bn) & set(learner.adapt_names)
+    assert set(learner.adapt_names) | set(bn) == {k for k, _ in learner.model.named_parameters()}
+    loss, grads = learner_grads(learner, batch)
+    p = {k: v.detach().clone().requires_grad_() for k, v in learner.model.named_parameters()}
+    ref = maml_meta_loss(p, batch, lr=0.1, steps=2, adapt=learner.adapt_names)
+    assert loss == pytest.approx(ref.item(), rel=1e-12)
+    assert_grads_close({k[len("model."):]: g for k, g in grads.items()}, grads_of(ref, p))
+    assert grads[f"model.{bn[0]}"].abs().sum() > 0
+    _, all_grads = learner_grads(tiny(MAML, inner_lr=0.1, inner_steps=2), batch)
+    assert not torch.allclose(all_grads["model.features.0.0.weight"], grads["model.features.0.0.weight"])
+
+
 def test_adapt_does_not_mutate_the_module_and_gives_meta_loss_predictions_in_eval_mode():
     learner = tiny(inner_lr=0.1)
     batch = tiny_batch(B=1)

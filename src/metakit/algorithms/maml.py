@@ -26,7 +26,11 @@ Choices, against the reference implementation (github.com/cbfinn/maml):
   support and query alike) and uses them in eval mode.
   TODO: per-step running statistics and per-step BatchNorm weights (Antoniou et al. 2019, MAML++).
 - The reference's BatchNorm has an offset but no scale and does not adapt it in the inner loop;
-  here BatchNorm's scale and offset are parameters like the others and adapt with them.
+  here BatchNorm's scale and offset are parameters like the others and adapt with them, unless
+  ``adapt="no_bn"``, which leaves them to the outer loop as the reference does.
+- The reference's Omniglot network has stride-2 convolutions in place of max-pools and averages its
+  last 2x2 map (``pool="stride"``, :class:`~metakit.nn.Conv4`); the default ``pool="max"`` is
+  Vinyals et al.'s network, which most later work and the peer libraries use.
 
 A whole meta-batch adapts at once by default (``batched``; :mod:`metakit.algorithms.batched`:
 grouped convolutions, BatchNorm statistics per task), with the numbers of the plain loop over
@@ -53,7 +57,7 @@ from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, la
 from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
-CHOICES = {"adapt": ("all", "head"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"), "pool": POOLS,
+CHOICES = {"adapt": ("all", "head", "no_bn"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"), "pool": POOLS,
            "inner_loss": ("per_shot", "mean")}
 
 
@@ -63,7 +67,7 @@ class InnerLoopOptions:
     inner_steps: int = 1              # inner updates per task in meta-training
     inner_steps_test: int = 3         # inner updates at evaluation and in adapt()
     first_order: bool = False         # detach the inner gradients (first-order MAML)
-    adapt: str = "all"                # which parameters adapt: all (MAML) | head (ANIL)
+    adapt: str = "all"                # which parameters adapt: all (MAML) | head (ANIL) | no_bn (all but BatchNorm's, the MAML reference)
     backbone: str = "conv4"           # classification: conv4 | mlp (flattened pixels); regression: always mlp
     hidden: int = 64                  # conv4 filters per block
     pool: str = "max"                 # conv4: max (2x2 max-pools, Vinyals et al.) | stride (stride-2 convs, the MAML reference's Omniglot net)
@@ -97,6 +101,20 @@ def build_model(options: InnerLoopOptions, in_channels: int, image_size: int, wa
     return nn.Sequential(nn.Flatten(), MLP(in_channels * image_size * image_size, tuple(options.mlp_hidden), ways))
 
 
+def adapted_names(model: nn.Module, adapt: str) -> list[str]:
+    """The parameters the inner loop updates: all of them (MAML), the head's (ANIL), or all but
+    BatchNorm's scale and offset (``no_bn``: the MAML reference, whose BatchNorm offset lies outside
+    the adapted weights and is only meta-learned)."""
+    if adapt == "head":
+        return head_names(model)
+    names = [n for n, _ in model.named_parameters()]
+    if adapt == "no_bn":
+        bn = {f"{m}.{n}" for m, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+              for n, _ in mod.named_parameters(recurse=False)}
+        names = [n for n in names if n not in bn]
+    return names
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Names of the parameters of the model's last linear layer (ANIL's adapted head)."""
     last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -126,8 +144,7 @@ class MAML(Learner):
         self.task = task
         self.ways = ways if task == "classification" else None
         self.model = build_model(self.options, in_channels, image_size, ways, task)
-        names = [n for n, _ in self.model.named_parameters()]
-        self.adapt_names = names if self.options.adapt == "all" else head_names(self.model)
+        self.adapt_names = adapted_names(self.model, self.options.adapt)
 
     # ---- what the family's members change
     def update_rule(self, training: bool) -> UpdateRule:

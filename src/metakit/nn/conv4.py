@@ -38,9 +38,10 @@ class Conv4(nn.Module):
     ``pool="stride"`` is the network of the MAML reference code on Omniglot (github.com/cbfinn/maml:
     ``max_pool`` is off unless asked for, and its Omniglot commands do not ask): stride-2
     convolutions in place of the max-pools, then the mean over the last map, ``[M, C, 28, 28] ->
-    [M, C, 2, 2] -> [M, hidden]`` (28 -> 14 -> 7 -> 4 -> 2). It does about a quarter of the max-pool
-    network's arithmetic. The reference pads as TensorFlow's ``SAME`` does (one extra row and
-    column at the bottom and right); here one on each side, which gives the same map sizes.
+    [M, hidden, 2, 2] -> [M, hidden]`` (28 -> 14 -> 7 -> 4 -> 2). At 28x28 it does 3.7x fewer
+    multiply-adds than the max-pool network (2.65M against 9.8M per image with 64 filters). The
+    reference pads as TensorFlow's ``SAME`` does, which on an even side puts the one row and column
+    of padding at the bottom and right only; here they go on both sides, with the same map sizes.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = None,

@@ -351,3 +351,16 @@ def test_above_chance_on_omniglot_after_a_short_run(tmp_path):
     sampler = make_sampler(config.data, load_split(config.data, "test"), e.ways, e.shots, e.queries, 1, seed=0)
     accuracy = evaluate(result.learner, sampler, episodes=60)["accuracy"]
     assert accuracy > 0.4, accuracy
+
+
+def test_the_learner_takes_the_maml_family_network_options():
+    """``pool`` and ``adapt=no_bn`` reach the Meta-LSTM's learner as they reach MAML's."""
+    learner = MetaLSTM(MetaLSTM.Options(pool="stride", adapt="no_bn", hidden=4))
+    convs = [m for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.stride == (2, 2) for c in convs)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in learner.model.modules())
+    bn = {n for n, _ in learner.model.named_parameters() if n.endswith((".1.weight", ".1.bias")) and "features" in n}
+    assert len(bn) == 8 and not bn & set(learner.adapt_names)
+    assert MetaLSTM().model.features[0][2].__class__ is torch.nn.MaxPool2d  # the default: the paper's max-pool learner
+    with pytest.raises(ValueError, match="model.pool"):
+        MetaLSTM(MetaLSTM.Options(pool="avg"))

@@ -211,9 +211,10 @@ class MetaLSTM(MAML):
         second_order: bool = False        # False: the learner's gradient is a constant in the meta-gradient (the paper)
         preprocess_p: float = 10.0        # p of the gradient and loss preprocessing (Andrychowicz et al. 2016)
         lstm_hidden: int = 20             # units of the meta-learner's first LSTM layer
-        adapt: str = "all"                # which parameters adapt: all | head
+        adapt: str = "all"                # which parameters adapt: all | head | no_bn (all but BatchNorm's)
         backbone: str = "conv4"           # classification: conv4 | mlp; regression: always mlp
         hidden: int = 64                  # conv4 filters per block (the paper's miniImageNet learner: 32)
+        pool: str = "max"                 # conv4: max (2x2 max-pools, the paper's learner) | stride (stride-2 convs)
         mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])
         bn: str = "batch"                 # batch: current-batch statistics, training and test | running
         inner_loss: str = "mean"          # mean | per_shot (summed / K)

@@ -3,7 +3,8 @@
     python benchmarks/distributed.py --procs 2 --threads 2 --meta-batch 32 --steps 12
     python benchmarks/distributed.py --root ../shared/data     # Omniglot instead of random images
 
-MAML 5-way 1-shot, second order, Conv4 with 64 filters (configs/omniglot/maml_5w1s.yaml: 1 support and
+MAML 5-way 1-shot, second order, the max-pool Conv4 with 64 filters (configs/omniglot/maml_5w1s.yaml with
+``model.pool=max``, ``model.adapt=all``: 1 support and
 1 query per class, one inner step of 0.4, Adam). Each measured step is the engine's (see
 ``metakit.engine.fit``): sample the meta-batch, ``meta_loss`` on this process's share, backward, the
 all-reduce of :mod:`metakit.engine.distributed`, the optimizer step. Prints, as one JSON line each:
@@ -35,7 +36,8 @@ def config(args):
     from metakit.config import load_config
 
     root = args.root
-    overrides = [f"train.meta_batch_size={args.meta_batch}", f"model.hidden={args.hidden}", "train.threads=0"]
+    overrides = [f"train.meta_batch_size={args.meta_batch}", f"model.hidden={args.hidden}", "train.threads=0",
+                 "model.pool=max", "model.adapt=all"]  # the max-pool Conv4 the results were measured with
     if root:
         overrides += [f"data.root={root}", "data.download=false"]
     return load_config(Path(__file__).parents[1] / "configs" / "omniglot" / "maml_5w1s.yaml", overrides)

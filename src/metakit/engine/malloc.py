@@ -7,7 +7,7 @@ tens of MB (second-order MAML on 5-way Omniglot: a ``[5, 2048, 28, 28]`` float32
 32 MB), so every such tensor is faulted in again, page by page, each time. With both thresholds
 raised (``M_MMAP_THRESHOLD`` to 1 GB, ``M_TRIM_THRESHOLD`` to 2 GB) freed blocks stay in the heap and
 are reused. Measured with ``benchmarks/page_faults.py`` (fresh processes, alternately without and
-with the setting, 8 iterations each): ``maml_5w1s.yaml`` goes from 128,587 minor page faults per
+with the setting, 8 iterations each): ``maml_5w1s.yaml`` (its max-pool network of then) goes from 128,587 minor page faults per
 meta-iteration to 1,859 and takes 1.26x less CPU time, for 3% more peak memory (``benchmarks/RESULTS.md``).
 
 The process keeps what it has freed, so its resident memory stays near its peak instead of falling

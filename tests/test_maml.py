@@ -206,7 +206,7 @@ def test_wrong_ways_and_bad_options_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="3-way head but the tasks have 2 ways.*eval.ways = train.ways"):
         b = tiny_batch(B=1)
         learner.meta_loss(type(b)(b.support_x[:, :2], b.support_y[:, :2], b.query_x, b.query_y, ways=2))
-    with pytest.raises(ValueError, match=r"model.adapt must be one of \['all', 'head'\]"):
+    with pytest.raises(ValueError, match=r"model.adapt must be one of \['all', 'head', 'no_bn'\]"):
         MAML(MAML.Options(adapt="body"))
     with pytest.raises(ValueError, match="model.bn must be one of"):
         MAML(MAML.Options(bn="layer"))

@@ -50,10 +50,8 @@ class Conv4(nn.Module):
         self.pool = pool
         self.features = nn.Sequential(*(conv_block(in_channels if i == 0 else hidden, hidden, bn_track_running_stats,
                                                    pool) for i in range(4)))
-        side = image_size
-        for _ in range(4):
-            side = (side + 1) // 2 if pool == "stride" else side // 2
-        self.embedding_dim = hidden if pool == "stride" else hidden * side * side
+        side = image_size // 16  # four 2x2 max-pools
+        self.embedding_dim = hidden if pool == "stride" else hidden * side * side  # stride: the mean over the map
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
         self.features.to(memory_format=torch.channels_last)
 

@@ -136,16 +136,25 @@ OURS = "metakit-batched"  # metakit's default path: the ratios are to it
 
 
 def peer_model(state):
-    """The same Conv4 as metakit's, the usual way round (conv -> BN -> ReLU -> max-pool, NCHW), with
-    metakit's parameter names so the weights load as they are: ``[M, 1, 28, 28] -> [M, ways]``."""
+    """The same Conv4 as metakit's, the usual way round (conv -> BN -> ReLU -> max-pool, NCHW; or, with
+    ``pool="stride"``, stride-2 conv -> BN -> ReLU and the mean over the last map), with metakit's
+    parameter names so the weights load as they are: ``[M, 1, 28, 28] -> [M, ways]``."""
     from collections import OrderedDict
 
     from torch import nn
-    hidden, ways = state["hidden"], state["ways"]
-    blocks = [nn.Sequential(OrderedDict([("0", nn.Conv2d(1 if i == 0 else hidden, hidden, 3, padding=1)),
+
+    class SpatialMean(nn.Module):  # [M, C, H, W] -> [M, C]
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    hidden, ways, strided = state["hidden"], state["ways"], state.get("pool", "max") == "stride"
+    blocks = [nn.Sequential(OrderedDict([("0", nn.Conv2d(1 if i == 0 else hidden, hidden, 3, padding=1,
+                                                         stride=2 if strided else 1)),
                                          ("1", nn.BatchNorm2d(hidden, track_running_stats=False)),
-                                         ("relu", nn.ReLU()), ("pool", nn.MaxPool2d(2))])) for i in range(4)]
-    model = nn.Sequential(OrderedDict([("features", nn.Sequential(*blocks)), ("flatten", nn.Flatten()),
+                                         ("relu", nn.ReLU())] + ([] if strided else [("pool", nn.MaxPool2d(2))])))
+              for i in range(4)]
+    model = nn.Sequential(OrderedDict([("features", nn.Sequential(*blocks)),
+                                       ("flatten", SpatialMean() if strided else nn.Flatten()),
                                        ("head", nn.Linear(hidden, ways))]))
     model.to(next(iter(state["weights"].values())).dtype).load_state_dict(state["weights"])
     return model
@@ -163,7 +172,8 @@ def build(impl: str, state: dict, first_order: bool, chunk: int = 8):
         from metakit.algorithms import MAML
         from metakit.engine.fit import meta_backward
         from metakit.tasks import TaskBatch
-        learner = MAML(MAML.Options(hidden=state["hidden"], inner_lr=lr, first_order=first_order,
+        learner = MAML(MAML.Options(hidden=state["hidden"], pool=state.get("pool", "max"), inner_lr=lr,
+                                    first_order=first_order,
                                     batched=impl != "metakit-loop", recompute_queries=impl == "metakit-recompute"),
                        ways=state["ways"])
         learner.to(next(iter(state["weights"].values())).dtype).model.load_state_dict(state["weights"])
@@ -181,12 +191,16 @@ def build(impl: str, state: dict, first_order: bool, chunk: int = 8):
     if impl == "plain":
         params = {k: v.clone().requires_grad_() for k, v in state["weights"].items()}
 
+        strided = state.get("pool", "max") == "stride"
+
         def net(p, x):  # [M, 1, 28, 28] -> [M, ways]
             for i in range(4):
-                x = F.conv2d(x, p[f"features.{i}.0.weight"], p[f"features.{i}.0.bias"], padding=1)
+                x = F.conv2d(x, p[f"features.{i}.0.weight"], p[f"features.{i}.0.bias"], padding=1,
+                             stride=2 if strided else 1)
                 x = F.batch_norm(x, None, None, p[f"features.{i}.1.weight"], p[f"features.{i}.1.bias"], training=True)
-                x = F.max_pool2d(F.relu(x), 2)
-            return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
+                x = F.relu(x) if strided else F.max_pool2d(F.relu(x), 2)
+            x = x.mean((2, 3)) if strided else x.flatten(1)
+            return F.linear(x, p["head.weight"], p["head.bias"])
 
         def step():
             total = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -294,7 +308,7 @@ def make_state(args, path: Path) -> str:
     import torch
     from metakit.algorithms import MAML
     torch.manual_seed(args.seed)
-    learner = MAML(MAML.Options(hidden=args.hidden), ways=args.ways)
+    learner = MAML(MAML.Options(hidden=args.hidden, pool=args.pool), ways=args.ways)
     source = "random images"
     batch = None
     if args.data != "random":
@@ -317,7 +331,7 @@ def make_state(args, path: Path) -> str:
     torch.save({"weights": {k: v.detach().contiguous() for k, v in learner.model.state_dict().items()},
                 "support_x": batch.support_x.contiguous(), "support_y": batch.support_y,
                 "query_x": batch.query_x.contiguous(), "query_y": batch.query_y, "ways": args.ways,
-                "hidden": args.hidden, "inner_lr": 0.4}, path)
+                "hidden": args.hidden, "pool": args.pool, "inner_lr": 0.4}, path)
     return source
 
 
@@ -401,7 +415,8 @@ def run_order(args, impls: list[str], pythons: dict, state: Path, tmp: Path) -> 
 
 
 def report(rows: list[dict], args, source: str, skipped: dict) -> str:
-    lines = [f"MAML meta-iteration, Conv4 {args.hidden} filters + BatchNorm (batch statistics), {args.ways}-way "
+    net = "max-pool" if args.pool == "max" else "stride-2 convolutions, mean over the last map"
+    lines = [f"MAML meta-iteration, Conv4 {args.hidden} filters ({net}) + BatchNorm (batch statistics), {args.ways}-way "
              f"{args.shots}-shot 28x28 ({source}), {args.queries} queries per class, meta-batch {args.meta_batch}, "
              f"1 inner step; {args.threads} thread(s); malloc: {args.malloc}; medians of {args.repeats} interleaved rounds.", "",
              "| order | implementation | wall s | CPU s | wall / ours | CPU / ours | peak RSS MB (+ over start) "
@@ -447,6 +462,9 @@ def main() -> None:
     parser.add_argument("--root", default=os.environ.get("METAKIT_DATA") or (str(shared) if shared.is_dir() else None),
                         help="data root holding omniglot/ (default: $METAKIT_DATA, else ../shared/data)")
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--pool", choices=["max", "stride"], default="max",
+                        help="max: Vinyals et al.'s Conv4 (learn2learn's and torchmeta's); stride: the MAML "
+                             "reference code's Omniglot network (model.pool)")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=15)

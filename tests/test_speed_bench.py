@@ -1,0 +1,56 @@
+"""benchmarks/speed.py compares like with like: the peers' network and the plain loop's are metakit's Conv4.
+
+The speed table is only fair if learn2learn and higher run the network metakit runs. Their model is
+built in the benchmark (``peer_model``) with metakit's parameter names; here it is checked to give
+metakit's outputs on the same weights, for both pooling schemes, and the plain loop's meta-gradient
+(the float64 reference every implementation is compared with) to equal metakit's loop path.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from metakit.algorithms import MAML
+
+SPEED = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _state(pool: str, tasks: int = 2) -> dict:
+    torch.manual_seed(0)
+    learner = MAML(MAML.Options(hidden=8, pool=pool), ways=3).double()
+    g = torch.Generator().manual_seed(1)
+    return {"weights": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
+            "support_x": torch.rand(tasks, 3, 1, 28, 28, generator=g, dtype=torch.float64),
+            "support_y": torch.arange(3).repeat(tasks, 1),
+            "query_x": torch.rand(tasks, 6, 1, 28, 28, generator=g, dtype=torch.float64),
+            "query_y": torch.arange(3).repeat_interleave(2).repeat(tasks, 1),
+            "ways": 3, "hidden": 8, "pool": pool, "inner_lr": 0.4}, learner
+
+
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_peer_model_is_metakits_network(speed, pool):
+    state, learner = _state(pool)
+    peer = speed.peer_model(state)
+    x = state["query_x"][0]
+    learner.train()
+    torch.testing.assert_close(peer(x), learner.model(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_plain_loop_meta_gradient_is_metakits(speed, pool):
+    state, _ = _state(pool)
+    plain = speed.build("plain", state, first_order=False)()
+    ours = speed.build("metakit-loop", state, first_order=False)()
+    for name, g in ours.items():
+        torch.testing.assert_close(plain[name], g, rtol=1e-9, atol=1e-12)

@@ -57,3 +57,27 @@ def test_meta_gradient_reaches_every_encoder_parameter():
                       torch.rand(2, 4, 1, 28, 28), torch.tensor([[0, 1, 1, 0]] * 2), ways=2)
     learner.meta_loss(batch).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
+
+
+def test_augment_distorts_training_images_only():
+    """``augment``: Koch's distortions reach the loss in training (the images the encoder sees are
+    ``affine_distort``'s under the same random draws) and never in evaluation."""
+    from metakit.algorithms.siamese import affine_distort
+    torch.manual_seed(0)
+    plain = ProtoNet(ProtoNet.Options(hidden=8))
+    augmented = ProtoNet(ProtoNet.Options(hidden=8, augment=True))
+    augmented.load_state_dict(plain.state_dict())
+    sx, qx = torch.rand(1, 4, 1, 28, 28), torch.rand(1, 4, 1, 28, 28)
+    sy, qy = torch.tensor([[0, 1, 0, 1]]), torch.tensor([[0, 1, 1, 0]])
+    batch = TaskBatch(sx, sy, qx, qy, ways=2)
+    torch.manual_seed(1)
+    loss = augmented.meta_loss(batch).loss
+    torch.manual_seed(1)
+    distorted = affine_distort(torch.cat([sx, qx], 1).flatten(0, 1)).view(1, 8, 1, 28, 28)
+    expected = plain.meta_loss(TaskBatch(distorted[:, :4], sy, distorted[:, 4:], qy, ways=2)).loss
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert not torch.allclose(loss, plain.meta_loss(batch).loss, atol=1e-4)
+    augmented.load_state_dict(plain.state_dict())  # the same BatchNorm running statistics
+    plain.eval(), augmented.eval()
+    with torch.no_grad():
+        assert torch.equal(augmented.meta_loss(batch).loss, plain.meta_loss(batch).loss)

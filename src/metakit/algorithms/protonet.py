@@ -6,6 +6,8 @@ squared Euclidean distances to the prototypes (eq. 2),
 ``p(y=n | x) = softmax_n(-||f(x) - c_n||^2)``. The loss is the negative log-probability of
 the true class, averaged over queries and tasks. With BatchNorm on batch statistics (training),
 each task of a meta-batch goes through the encoder on its own, so its statistics are the task's.
+``augment``: Koch et al.'s (2015, sec. 3.2) random affine distortions of every training image
+(:func:`metakit.algorithms.siamese.affine_distort`), not in the paper; off by default.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..nn import Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
 from .metric import embed_tasks, metric_adapt
+from .siamese import affine_distort
 
 
 def prototypes(z_support: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -40,6 +43,7 @@ class ProtoNet(Learner):
     @dataclass
     class Options:
         hidden: int = 64  # conv filters per block
+        augment: bool = False  # Koch et al.'s affine distortions of the training images
 
     def __init__(self, options: "ProtoNet.Options | None" = None, in_channels: int = 1, image_size: int = 28,
                  **_) -> None:
@@ -60,7 +64,10 @@ class ProtoNet(Learner):
         S = batch.support_x.shape[1]
         # One encoder pass per task while BatchNorm uses batch statistics, so a task's loss does not
         # depend on which tasks share its meta-batch (nothing changes at meta_batch_size 1, the paper's).
-        z = embed_tasks(self.embed, self.encoder, torch.cat([batch.support_x, batch.query_x], dim=1))  # [B, N*K + M, D]
+        x = torch.cat([batch.support_x, batch.query_x], dim=1)  # [B, N*K + M, C, H, W]
+        if self.training and self.options.augment:
+            x = affine_distort(x.flatten(0, 1)).view_as(x)
+        z = embed_tasks(self.embed, self.encoder, x)  # [B, N*K + M, D]
         logits = self.logits(z[:, S:], z[:, :S], batch.support_y, batch.ways)  # [B, M, N]
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         acc = accuracy(logits, batch.query_y).mean()

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-
-import torch  # noqa: E402
-
-from metakit.algorithms import MAML  # noqa: E402
 
 
 def main() -> None:
@@ -33,17 +31,13 @@ def main() -> None:
     torch.set_num_threads(1)
     print("| network | order | float32 vs float64, plain loop |\n|---|---|---|")
     for pool in ("max", "stride"):
-        torch.manual_seed(args.seed)
-        learner = MAML(MAML.Options(hidden=64, pool=pool), ways=5)
-        g, B = torch.Generator().manual_seed(args.seed), args.tasks
-        state = {"weights": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
-                 "support_x": torch.rand(B, 5, 1, 28, 28, generator=g), "support_y": torch.arange(5).repeat(B, 1),
-                 "query_x": torch.rand(B, 75, 1, 28, 28, generator=g),
-                 "query_y": torch.arange(5).repeat_interleave(15).repeat(B, 1),
-                 "ways": 5, "hidden": 64, "pool": pool, "inner_lr": 0.4}
+        with tempfile.TemporaryDirectory() as tmp:  # speed.py's weights and random tasks, as its table has them
+            speed.make_state(argparse.Namespace(seed=args.seed, hidden=64, pool=pool, ways=5, shots=1, queries=15,
+                                                meta_batch=args.tasks, data="random", root=None), Path(tmp) / "s.pt")
+            state = torch.load(Path(tmp) / "s.pt")
         for first_order in (False, True):
             g32 = speed.build("plain", state, first_order)()
-            g64 = speed.build("plain", speed.float64_subset(state, B), first_order)()
+            g64 = speed.build("plain", speed.float64_subset(state, args.tasks), first_order)()
             error = speed.agreement({k: v.double() for k, v in g32.items()}, g64)
             print(f"| {pool} | {'first' if first_order else 'second'} | {error:.1e} |")
 

@@ -10,8 +10,10 @@ medians over the rounds after the first (a warm-up), and the ratio to the layout
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,13 +41,18 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    learner = MAML(MAML.Options(hidden=64, pool=args.pool, inner_lr=0.4), ways=5)
+    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).resolve().parent / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    with tempfile.TemporaryDirectory() as tmp:  # speed.py's weights and random tasks
+        speed.make_state(argparse.Namespace(seed=0, hidden=64, pool=args.pool, ways=5, shots=1, queries=15,
+                                            meta_batch=args.meta_batch, data="random", root=None), Path(tmp) / "s.pt")
+        state = torch.load(Path(tmp) / "s.pt")
+    learner = MAML(MAML.Options(hidden=64, pool=args.pool, inner_lr=state["inner_lr"]), ways=5)
+    learner.model.load_state_dict(state["weights"])
     learner.train()
-    g, B = torch.Generator().manual_seed(0), args.meta_batch
-    batch = TaskBatch(torch.rand(B, 5, 1, 28, 28, generator=g), torch.arange(5).repeat(B, 1),
-                      torch.rand(B, 75, 1, 28, 28, generator=g),
-                      torch.arange(5).repeat_interleave(15).repeat(B, 1), ways=5)
+    B = args.meta_batch
+    batch = TaskBatch(state["support_x"], state["support_y"], state["query_x"], state["query_y"], ways=5)
     chosen = layout_for(batch.query_x)
     times: dict[str, list[float]] = {k: [] for k in CANDIDATES}
     try:

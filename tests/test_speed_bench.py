@@ -7,6 +7,7 @@ metakit's outputs on the same weights, for both pooling schemes, and the plain l
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -26,21 +27,19 @@ def speed():
     return module
 
 
-def _state(pool: str, tasks: int = 2) -> dict:
-    torch.manual_seed(0)
+def _state(speed, pool: str, tmp_path, tasks: int = 2):
+    """speed.py's own weights and random tasks, small and in float64, and a MAML learner holding them."""
+    speed.make_state(argparse.Namespace(seed=0, hidden=8, pool=pool, ways=3, shots=1, queries=2, meta_batch=tasks,
+                                        data="random", root=None), tmp_path / "state.pt")
+    state = speed.float64_subset(torch.load(tmp_path / "state.pt"), tasks)
     learner = MAML(MAML.Options(hidden=8, pool=pool), ways=3).double()
-    g = torch.Generator().manual_seed(1)
-    return {"weights": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
-            "support_x": torch.rand(tasks, 3, 1, 28, 28, generator=g, dtype=torch.float64),
-            "support_y": torch.arange(3).repeat(tasks, 1),
-            "query_x": torch.rand(tasks, 6, 1, 28, 28, generator=g, dtype=torch.float64),
-            "query_y": torch.arange(3).repeat_interleave(2).repeat(tasks, 1),
-            "ways": 3, "hidden": 8, "pool": pool, "inner_lr": 0.4}, learner
+    learner.model.load_state_dict(state["weights"])
+    return state, learner
 
 
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_peer_model_is_metakits_network(speed, pool):
-    state, learner = _state(pool)
+def test_peer_model_is_metakits_network(speed, pool, tmp_path):
+    state, learner = _state(speed, pool, tmp_path)
     peer = speed.peer_model(state)
     x = state["query_x"][0]
     learner.train()
@@ -48,8 +47,8 @@ def test_peer_model_is_metakits_network(speed, pool):
 
 
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_plain_loop_meta_gradient_is_metakits(speed, pool):
-    state, _ = _state(pool)
+def test_plain_loop_meta_gradient_is_metakits(speed, pool, tmp_path):
+    state, _ = _state(speed, pool, tmp_path)
     plain = speed.build("plain", state, first_order=False)()
     ours = speed.build("metakit-loop", state, first_order=False)()
     for name, g in ours.items():

@@ -113,3 +113,30 @@ def test_eval_protocol_lake_on_the_command_line(lake_root, official, tmp_path, c
     assert main(argv) == 0
     line = capsys.readouterr().out
     assert "Lake within-alphabet 20-way 1-shot, 120 trials" in line and "people 4.5%" in line
+
+
+def test_training_within_alphabets_on_the_command_line(tiny_copy, monkeypatch, tmp_path, capsys):
+    """``train.within_alphabet``: tasks drawn inside one background alphabet, refused before work when no
+    alphabet has ``train.ways`` classes, and for data without alphabets."""
+    monkeypatch.setitem(omniglot.EXPECTED, "images_background", tiny_copy.expected["images_background"])
+    config = {"name": "within", "algorithm": "protonet", "seed": 0, "model": {"hidden": 8},
+              "data": {"dataset": "omniglot", "root": str(tiny_copy.root), "download": False, "scheme": "lake",
+                       "image_size": 20, "train_split": "background"},
+              "train": {"ways": 16, "shots": 1, "queries": 2, "steps": 2, "val_every": 0, "within_alphabet": 1.0,
+                        "log_every": 1, "checkpoint_every": 1}}
+    path = tmp_path / "within.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # 3 alphabets of 4 characters x 4 rotations: 16 classes each, 48 in all
+    assert main(["train", str(path), "--out", str(tmp_path / "ok"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "--set", "train.ways=17", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "largest group (alphabet)" in err and "has 16 classes" in err and "ways <= 16" in err
+    assert not (tmp_path / "no").exists()  # refused before any work
+    assert main(["train", str(path), "--set", "train.within_alphabet=1.5"]) == 2
+    assert "train.within_alphabet is a fraction of tasks in [0, 1], got 1.5" in capsys.readouterr().err
+    folder = tmp_path / "own.yaml"
+    folder.write_text(yaml.safe_dump(folder_config(make_image_folder(tmp_path / "images"), within_alphabet=0.5)))
+    assert main(["train", str(folder), "--out", str(tmp_path / "f")]) == 2
+    assert "within-alphabet episodes need Omniglot's alphabets" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

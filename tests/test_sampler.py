@@ -192,6 +192,57 @@ def test_unequal_sizes_limit_in_message(unequal):
         EpisodeSampler(unequal, ways=1, shots=20, queries=11)
 
 
+
+# ---------------------------------------------------------------- within-alphabet episodes
+
+def grouped_dataset(group_sizes: list[int], per_class: int = 20) -> ClassDataset:
+    """Classes named ``a{g}/c{c}``: group ``g`` (an "alphabet") holds ``group_sizes[g]`` classes."""
+    names = [f"a{g}/c{c}" for g, n in enumerate(group_sizes) for c in range(n)]
+    base = make_dataset([per_class] * len(names), seed=2, name="grouped")
+    return ClassDataset(base.images, base.targets, names, name="grouped")
+
+
+def task_groups(ds: ClassDataset, batch, N: int, K: int, Q: int) -> list[set[str]]:
+    return [{ds.class_names[c].split("/")[0] for c in m.values()} for m in check_tasks(ds, batch, N, K, Q)]
+
+
+def test_within_group_tasks_share_one_group():
+    # groups of 3 classes are too small for 5 ways and must never be drawn
+    ds = grouped_dataset([8, 3, 6, 5, 3, 10])
+    sampler = EpisodeSampler(ds, ways=5, shots=1, queries=2, meta_batch_size=300, seed=0, within_group=1.0)
+    groups = task_groups(ds, sampler.sample(), 5, 1, 2)
+    assert all(len(g) == 1 for g in groups)
+    drawn = {next(iter(g)) for g in groups}
+    assert drawn == {"a0", "a2", "a3", "a5"}  # every group with >= 5 classes, no smaller one
+
+
+def test_within_group_fraction():
+    ds = grouped_dataset([6] * 40)  # 40 groups: a random 5-way task lies in one group with p < 1e-5
+    sampler = EpisodeSampler(ds, ways=5, shots=1, queries=1, meta_batch_size=2000, seed=1, within_group=0.3)
+    share = sum(len(g) == 1 for g in task_groups(ds, sampler.sample(), 5, 1, 1)) / 2000
+    assert 0.26 < share < 0.34  # 0.3 +- 4 standard deviations
+    plain = EpisodeSampler(ds, ways=5, shots=1, queries=1, meta_batch_size=2000, seed=1)
+    assert sum(len(g) == 1 for g in task_groups(ds, plain.sample(), 5, 1, 1)) < 5
+
+
+def test_within_group_is_seeded_and_resumes():
+    ds = grouped_dataset([8, 7, 9])
+    a = EpisodeSampler(ds, ways=5, shots=1, queries=1, meta_batch_size=4, seed=3, within_group=0.5)
+    b = EpisodeSampler(ds, ways=5, shots=1, queries=1, meta_batch_size=4, seed=3, within_group=0.5)
+    a.sample()
+    state = a.state_dict()
+    b.load_state_dict(state)
+    assert torch.equal(a.sample().query_x, b.sample().query_x)
+
+
+def test_within_group_bad_requests():
+    ds = grouped_dataset([4, 3])
+    with pytest.raises(EpisodeError, match=r"largest group \(alphabet\).* has 4 classes.*ways <= 4"):
+        EpisodeSampler(ds, ways=5, shots=1, queries=1, within_group=0.5)
+    with pytest.raises(EpisodeError, match=r"in \[0, 1\]"):
+        EpisodeSampler(ds, ways=2, shots=1, queries=1, within_group=1.5)
+
+
 # ---------------------------------------------------------------- sinusoids
 
 def fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -61,6 +61,7 @@ class TrainConfig:
     val_episodes: int = 200
     checkpoint_every: int = 500
     threads: int = 0                 # torch threads; 0: torch's default
+    within_alphabet: float = 0.0     # Omniglot: fraction of training tasks whose classes share one alphabet
 
     def __post_init__(self) -> None:
         for key, value, choices in (("optimizer", self.optimizer, ("adam", "sgd")),
@@ -69,6 +70,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
         if self.tasks_per_backward < 0:
             raise ConfigError(f"train.tasks_per_backward must be >= 0, got {self.tasks_per_backward}")
+        if not 0.0 <= self.within_alphabet <= 1.0:
+            raise ConfigError(f"train.within_alphabet is a fraction of tasks in [0, 1], got {self.within_alphabet}")
 
 
 @dataclass

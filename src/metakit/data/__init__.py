@@ -48,11 +48,16 @@ def load_split(data, split: str, seed: int = 0) -> ClassDataset | None:
 
 
 def make_sampler(data, dataset: ClassDataset | None, ways: int, shots: int, queries: int,
-                 meta_batch_size: int, seed: int):
-    """An episode sampler for a class data set, or a sinusoid sampler (``queries`` points) for regression."""
+                 meta_batch_size: int, seed: int, within_alphabet: float = 0.0):
+    """An episode sampler for a class data set, or a sinusoid sampler (``queries`` points) for regression.
+
+    ``within_alphabet``: the fraction of Omniglot tasks whose classes share one alphabet."""
     if data.dataset == "sinusoid":
         return SinusoidSampler(shots, queries, meta_batch_size, seed)
-    return EpisodeSampler(dataset, ways, shots, queries, meta_batch_size, seed)
+    if within_alphabet and data.dataset != "omniglot":
+        raise DataError(f"within-alphabet episodes need Omniglot's alphabets; {data.dataset} has none "
+                        f"(set train.within_alphabet: 0)")
+    return EpisodeSampler(dataset, ways, shots, queries, meta_batch_size, seed, within_group=within_alphabet)
 
 
 __all__ = ["ClassDataset", "DataError", "EpisodeError", "EpisodeSampler", "LakeSampler", "PairSampler",

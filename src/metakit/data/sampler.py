@@ -5,6 +5,11 @@ examples of each class without replacement; the first ``shots`` form the support
 rest the query set, so the two are disjoint. Class labels are remapped to ``0..ways-1`` in a
 random order per task. Everything is tensor indexing on the in-memory data set: no file or
 PIL work per episode.
+
+With ``within_group`` > 0, that fraction of the tasks draws all its classes from one group (one
+alphabet for Omniglot: the part of a class name before its first ``/``), chosen uniformly among
+the groups that have ``ways`` classes: the hard episodes of Lake et al.'s within-alphabet test
+(Science 2015), where every distractor shares the query's script.
 """
 from __future__ import annotations
 
@@ -48,12 +53,16 @@ class EpisodeSampler:
 
     Images come out as float in ``[0, 1]``. The stream of tasks is fixed by ``seed``;
     :meth:`state_dict` / :meth:`load_state_dict` carry it across a checkpoint.
-    Only classes with at least ``shots + queries`` examples are drawn.
+    Only classes with at least ``shots + queries`` examples are drawn. ``within_group``: the
+    fraction of tasks whose classes share one group (see the module docstring); 0 draws the
+    same stream as before the option existed.
     """
 
     def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int,
-                 meta_batch_size: int = 1, seed: int = 0) -> None:
+                 meta_batch_size: int = 1, seed: int = 0, within_group: float = 0.0) -> None:
         check_episode(dataset, ways, shots, queries, meta_batch_size)
+        if not 0.0 <= within_group <= 1.0:
+            raise EpisodeError(f"within_group is a fraction of tasks in [0, 1], got {within_group!r}")
         self.dataset = dataset
         self.ways, self.shots, self.queries = ways, shots, queries
         self.meta_batch_size = meta_batch_size
@@ -64,13 +73,33 @@ class EpisodeSampler:
         # Equal class sizes (Omniglot): examples of class c are rows offsets[c] + 0..n-1 of the
         # class-sorted order, so one argsort of random keys draws all tasks at once.
         self._uniform = bool((counts == counts[0]).all())
+        self.within_group = float(within_group)
+        self._groups: list[Tensor] = []  # positions in _eligible of each group with >= ways classes
+        if self.within_group > 0:
+            names = [dataset.class_names[c].split("/")[0] for c in self._eligible.tolist()]
+            members: dict[str, list[int]] = {}
+            for i, name in enumerate(names):
+                members.setdefault(name, []).append(i)
+            self._groups = [torch.tensor(m) for _, m in sorted(members.items()) if len(m) >= ways]
+            if not self._groups:
+                largest = max(len(m) for m in members.values())
+                raise EpisodeError(f"within-group episodes of {ways} ways asked, but the largest group (alphabet) "
+                                   f"of {dataset.name} has {largest} classes with {per_task} examples; "
+                                   f"use ways <= {largest} or within_group = 0")
 
     def _draw_indices(self, B: int) -> Tensor:
         """Row indices ``[B, N, K+Q]`` into ``dataset.images``."""
         g, ds = self.generator, self.dataset
         N, per = self.ways, self.shots + self.queries
         C = self._eligible.numel()
-        classes = self._eligible[torch.rand(B, C, generator=g).argsort(-1)[:, :N]]  # [B, N]
+        picks = torch.rand(B, C, generator=g).argsort(-1)[:, :N]  # [B, N] positions in _eligible
+        if self.within_group > 0:
+            inside = torch.rand(B, generator=g) < self.within_group  # [B] tasks drawn within one group
+            which = torch.randint(len(self._groups), (B,), generator=g)
+            for b in torch.nonzero(inside).flatten().tolist():
+                members = self._groups[int(which[b])]
+                picks[b] = members[torch.randperm(members.numel(), generator=g)[:N]]
+        classes = self._eligible[picks]  # [B, N]
         if self._uniform:
             n = int(ds.counts[self._eligible[0]])
             picks = torch.rand(B, N, n, generator=g).argsort(-1)[..., :per]  # [B, N, K+Q]

@@ -78,6 +78,8 @@ class Experiment:
         self.val_set = load_split(d, d.val_split, config.seed) if need_val and t.val_every > 0 else None
         if self.train_set is not None:
             check_episode(self.train_set, t.ways, t.shots, t.queries, t.meta_batch_size)
+            if t.within_alphabet:
+                self.train_sampler()  # its alphabets must hold train.ways classes: say so before any work
         if self.val_set is not None:
             check_episode(self.val_set, e.ways, e.shots, e.queries)
         self.transform = self.train_set.transform if self.train_set is not None else {}
@@ -89,7 +91,7 @@ class Experiment:
     def train_sampler(self):
         t = self.config.train
         return make_sampler(self.config.data, self.train_set, t.ways, t.shots, t.queries, t.meta_batch_size,
-                            self.config.seed)
+                            self.config.seed, within_alphabet=t.within_alphabet)
 
     def val_sampler(self, seed: int = 0):
         e = self.config.eval

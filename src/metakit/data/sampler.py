@@ -92,14 +92,14 @@ class EpisodeSampler:
         g, ds = self.generator, self.dataset
         N, per = self.ways, self.shots + self.queries
         C = self._eligible.numel()
-        picks = torch.rand(B, C, generator=g).argsort(-1)[:, :N]  # [B, N] positions in _eligible
+        chosen = torch.rand(B, C, generator=g).argsort(-1)[:, :N]  # [B, N] positions in _eligible
         if self.within_group > 0:
             inside = torch.rand(B, generator=g) < self.within_group  # [B] tasks drawn within one group
             which = torch.randint(len(self._groups), (B,), generator=g)
             for b in torch.nonzero(inside).flatten().tolist():
                 members = self._groups[int(which[b])]
-                picks[b] = members[torch.randperm(members.numel(), generator=g)[:N]]
-        classes = self._eligible[picks]  # [B, N]
+                chosen[b] = members[torch.randperm(members.numel(), generator=g)[:N]]
+        classes = self._eligible[chosen]  # [B, N]
         if self._uniform:
             n = int(ds.counts[self._eligible[0]])
             picks = torch.rand(B, N, n, generator=g).argsort(-1)[..., :per]  # [B, N, K+Q]

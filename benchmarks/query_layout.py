@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,10 +43,7 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).resolve().parent / "speed.py")
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
-    with tempfile.TemporaryDirectory() as tmp:  # speed.py's weights and random tasks
-        speed.make_state(argparse.Namespace(seed=0, hidden=64, pool=args.pool, ways=5, shots=1, queries=15,
-                                            meta_batch=args.meta_batch, data="random", root=None), Path(tmp) / "s.pt")
-        state = torch.load(Path(tmp) / "s.pt")
+    state, _ = speed.task_state(0, pool=args.pool, meta_batch=args.meta_batch)  # speed.py's weights and random tasks
     learner = MAML(MAML.Options(hidden=64, pool=args.pool, inner_lr=state["inner_lr"]), ways=5)
     learner.model.load_state_dict(state["weights"])
     learner.train()

@@ -302,36 +302,47 @@ def float64_subset(state: dict, tasks: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # the driver
 
-def make_state(args, path: Path) -> str:
-    """Weights (metakit's Conv4 initialisation, seeded) and one meta-batch; returns where the tasks came from."""
+def task_state(seed: int = 0, hidden: int = 64, pool: str = "max", ways: int = 5, shots: int = 1, queries: int = 15,
+               meta_batch: int = 32, data: str = "random", root=None) -> tuple[dict, str]:
+    """Weights (metakit's Conv4 initialisation, seeded) and one meta-batch, as the dict every implementation
+    reads; also where the tasks came from (Omniglot's train split unless ``data`` is "random" or it is missing)."""
     sys.path.insert(0, str(ROOT / "src"))
     import torch
     from metakit.algorithms import MAML
-    torch.manual_seed(args.seed)
-    learner = MAML(MAML.Options(hidden=args.hidden, pool=args.pool), ways=args.ways)
+    torch.manual_seed(seed)
+    learner = MAML(MAML.Options(hidden=hidden, pool=pool), ways=ways)
     source = "random images"
     batch = None
-    if args.data != "random":
+    if data != "random":
         try:
             from metakit.data import EpisodeSampler, load_omniglot
-            data = load_omniglot("train", root=args.root, download=False)
-            batch = EpisodeSampler(data, ways=args.ways, shots=args.shots, queries=args.queries,
-                                   meta_batch_size=args.meta_batch, seed=args.seed).sample()
+            omniglot = load_omniglot("train", root=root, download=False)
+            batch = EpisodeSampler(omniglot, ways=ways, shots=shots, queries=queries,
+                                   meta_batch_size=meta_batch, seed=seed).sample()
             source = "Omniglot (Vinyals train split)"
         except Exception as e:  # no data here: the shapes are what matters for speed
             print(f"Omniglot not available ({str(e).splitlines()[0][:120]}); using random images")
     if batch is None:
         from metakit.tasks import TaskBatch
-        g = torch.Generator().manual_seed(args.seed)
-        B, N = args.meta_batch, args.ways
-        batch = TaskBatch(torch.rand(B, N * args.shots, 1, 28, 28, generator=g),
-                          torch.arange(N).repeat_interleave(args.shots).repeat(B, 1),
-                          torch.rand(B, N * args.queries, 1, 28, 28, generator=g),
-                          torch.arange(N).repeat_interleave(args.queries).repeat(B, 1), ways=N)
-    torch.save({"weights": {k: v.detach().contiguous() for k, v in learner.model.state_dict().items()},
-                "support_x": batch.support_x.contiguous(), "support_y": batch.support_y,
-                "query_x": batch.query_x.contiguous(), "query_y": batch.query_y, "ways": args.ways,
-                "hidden": args.hidden, "pool": args.pool, "inner_lr": 0.4}, path)
+        g = torch.Generator().manual_seed(seed)
+        B, N = meta_batch, ways
+        batch = TaskBatch(torch.rand(B, N * shots, 1, 28, 28, generator=g),
+                          torch.arange(N).repeat_interleave(shots).repeat(B, 1),
+                          torch.rand(B, N * queries, 1, 28, 28, generator=g),
+                          torch.arange(N).repeat_interleave(queries).repeat(B, 1), ways=N)
+    state = {"weights": {k: v.detach().clone().contiguous() for k, v in learner.model.state_dict().items()},
+             "support_x": batch.support_x.contiguous(), "support_y": batch.support_y,
+             "query_x": batch.query_x.contiguous(), "query_y": batch.query_y, "ways": ways,
+             "hidden": hidden, "pool": pool, "inner_lr": 0.4}
+    return state, source
+
+
+def make_state(args, path: Path) -> str:
+    """:func:`task_state` for the command line's ``args``, saved at ``path`` for the worker processes."""
+    import torch
+    state, source = task_state(args.seed, args.hidden, args.pool, args.ways, args.shots, args.queries,
+                               args.meta_batch, args.data, args.root)
+    torch.save(state, path)
     return source
 
 

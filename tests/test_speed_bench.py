@@ -7,7 +7,6 @@ metakit's outputs on the same weights, for both pooling schemes, and the plain l
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -27,19 +26,18 @@ def speed():
     return module
 
 
-def _state(speed, pool: str, tmp_path, tasks: int = 2):
+def _state(speed, pool: str, tasks: int = 2):
     """speed.py's own weights and random tasks, small and in float64, and a MAML learner holding them."""
-    speed.make_state(argparse.Namespace(seed=0, hidden=8, pool=pool, ways=3, shots=1, queries=2, meta_batch=tasks,
-                                        data="random", root=None), tmp_path / "state.pt")
-    state = speed.float64_subset(torch.load(tmp_path / "state.pt"), tasks)
+    state, _ = speed.task_state(0, hidden=8, pool=pool, ways=3, shots=1, queries=2, meta_batch=tasks)
+    state = speed.float64_subset(state, tasks)
     learner = MAML(MAML.Options(hidden=8, pool=pool), ways=3).double()
     learner.model.load_state_dict(state["weights"])
     return state, learner
 
 
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_peer_model_is_metakits_network(speed, pool, tmp_path):
-    state, learner = _state(speed, pool, tmp_path)
+def test_peer_model_is_metakits_network(speed, pool):
+    state, learner = _state(speed, pool)
     peer = speed.peer_model(state)
     x = state["query_x"][0]
     learner.train()
@@ -47,8 +45,8 @@ def test_peer_model_is_metakits_network(speed, pool, tmp_path):
 
 
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_plain_loop_meta_gradient_is_metakits(speed, pool, tmp_path):
-    state, _ = _state(speed, pool, tmp_path)
+def test_plain_loop_meta_gradient_is_metakits(speed, pool):
+    state, _ = _state(speed, pool)
     plain = speed.build("plain", state, first_order=False)()
     ours = speed.build("metakit-loop", state, first_order=False)()
     for name, g in ours.items():

@@ -84,6 +84,20 @@ def test_resume_after_crash_equals_uninterrupted_run(folder, tmp_path, monkeypat
     assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
 
 
+def test_a_run_folder_without_best_pt_yet_loads_its_last_checkpoint(folder, tmp_path, monkeypatch):
+    """Without validation best.pt is written at the end only; until then the run folder means last.pt."""
+    config = from_dict(folder_config(folder, steps=12, val_every=0))
+    original = Experiment.train_sampler
+    monkeypatch.setattr(Experiment, "train_sampler", lambda self: CrashingSampler(original(self), 8))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["step"] == 6
+    learner = metakit.load(tmp_path / "run")
+    assert all(torch.equal(v, last["model"][k]) for k, v in learner.state_dict().items())
+
+
 def test_resume_refuses_another_config(folder, tmp_path):
     fit(from_dict(folder_config(folder, steps=3)), tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match=r"another config \(train.lr differ\)"):

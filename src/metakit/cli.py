@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on fixed test episodes (mean and 95%% CI)")
-    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (uses best.pt)")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (its best.pt, or last.pt while it has none)")
     p.add_argument("--ways", type=int)
     p.add_argument("--shots", type=int)
     p.add_argument("--queries", type=int, help="query examples per class (points, for regression)")

@@ -1,4 +1,5 @@
 """Backbones."""
+import pytest
 import torch
 
 from metakit.nn import MLP, Conv4
@@ -20,6 +21,17 @@ def test_conv4_shapes():
     assert Conv4(image_size=84)(torch.rand(2, 1, 84, 84)).shape == (2, 64 * 25)
     assert Conv4(in_channels=3, out_features=5)(torch.rand(2, 3, 28, 28)).shape == (2, 5)
     assert MLP()(torch.rand(7, 1)).shape == (7, 1)
+
+
+def test_conv4_blocks_set_the_depth_and_the_embedding_size():
+    """A fifth block pools 56x56 down to 1x1 (64-d), where four leave 3x3 (576-d); too many blocks for the image is an error."""
+    five = Conv4(image_size=56, blocks=5)
+    assert len(five.features) == 5 and five.embedding_dim == 64
+    assert five(torch.rand(2, 1, 56, 56)).shape == (2, 64)
+    assert Conv4(image_size=56).embedding_dim == 64 * 9
+    assert Conv4(image_size=56, blocks=3, out_features=5)(torch.rand(2, 1, 56, 56)).shape == (2, 5)
+    with pytest.raises(ValueError, match="at least 64x64"):
+        Conv4(image_size=28, blocks=6)
 
 
 def test_strided_conv4_is_the_maml_reference_network():

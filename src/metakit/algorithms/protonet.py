@@ -44,12 +44,13 @@ class ProtoNet(Learner):
     class Options:
         hidden: int = 64  # conv filters per block
         augment: bool = False  # Koch et al.'s affine distortions of the training images
+        blocks: int = 4  # conv blocks; 5 at 56x56 pools to a 64-d embedding again
 
     def __init__(self, options: "ProtoNet.Options | None" = None, in_channels: int = 1, image_size: int = 28,
                  **_) -> None:
         super().__init__()
         self.options = options or ProtoNet.Options()
-        self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size)
+        self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size, blocks=self.options.blocks)
 
     def embed(self, x: Tensor) -> Tensor:
         """x [..., C, H, W] -> [..., D], one encoder pass for all leading dims."""

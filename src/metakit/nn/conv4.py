@@ -35,6 +35,9 @@ class Conv4(nn.Module):
     (``benchmarks/RESULTS.md``). ``bn_track_running_stats=False`` keeps no running statistics:
     BatchNorm always uses the current batch's (as in the MAML reference implementation).
 
+    ``blocks`` sets the depth (4, the field's, by default): at 56x56 a fifth block pools the map down to
+    1x1 again, ``[M, C, 56, 56] -> [M, hidden]``, where four leave a 3x3 map (a 576-d embedding).
+
     ``pool="stride"`` is the network of the MAML reference code on Omniglot (github.com/cbfinn/maml:
     ``max_pool`` is off unless asked for, and its Omniglot commands do not ask): stride-2
     convolutions in place of the max-pools, then the mean over the last map, ``[M, C, 28, 28] ->
@@ -45,12 +48,18 @@ class Conv4(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = None,
-                 image_size: int = 28, bn_track_running_stats: bool = True, pool: str = "max") -> None:
+                 image_size: int = 28, bn_track_running_stats: bool = True, pool: str = "max",
+                 blocks: int = 4) -> None:
         super().__init__()
+        if blocks < 1:
+            raise ValueError(f"blocks must be at least 1, got {blocks}")
         self.pool = pool
         self.features = nn.Sequential(*(conv_block(in_channels if i == 0 else hidden, hidden, bn_track_running_stats,
-                                                   pool) for i in range(4)))
-        side = image_size // 16  # four 2x2 max-pools
+                                                   pool) for i in range(blocks)))
+        side = image_size >> blocks  # one 2x2 max-pool (floor) per block
+        if pool == "max" and side < 1:
+            raise ValueError(f"{blocks} max-pooling blocks need images of at least {2 ** blocks}x{2 ** blocks} "
+                             f"pixels, got {image_size}")
         self.embedding_dim = hidden if pool == "stride" else hidden * side * side  # stride: the mean over the map
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
         self.features.to(memory_format=torch.channels_last)

@@ -263,6 +263,42 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; macOS: bytes (overstated)
 
 
+ELEMENTWISE = {"mul", "add", "sub", "div", "neg", "pow", "sqrt", "rsqrt", "exp", "log", "where", "addcmul", "addcdiv",
+               "clamp_min", "relu", "threshold_backward", "sign", "reciprocal", "square"}
+FAMILIES = ("convolution forward", "convolution backward", "batch norm kernels", "elementwise",
+            "other aten ops", "outside aten")
+
+
+def op_family(name: str) -> str:
+    """The family of a profiled op by its name (see ``FAMILIES``)."""
+    if not name.startswith("aten::"):
+        return "outside aten"  # the autograd engine's own bookkeeping, Python
+    op = name[len("aten::"):].rstrip("_")
+    if op == "convolution_backward":
+        return "convolution backward"
+    if "conv" in op:
+        return "convolution forward"
+    if "batch_norm" in op:
+        return "batch norm kernels"
+    return "elementwise" if op in ELEMENTWISE else "other aten ops"
+
+
+def profile_step(step) -> dict:
+    """Shares of one ``step()``'s CPU time by op family (self time of each op, ``torch.profiler``), and the
+    share spent inside BatchNorm's double backward (the support pass of second order; inclusive)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {f: 0.0 for f in FAMILIES}
+    for e in events:
+        shares[op_family(e.key)] += e.self_cpu_time_total / total
+    shares["BatchNorm double backward"] = sum(e.cpu_time_total for e in events
+                                              if e.key.startswith("NativeBatchNormBackwardBackward")) / total
+    return shares
+
+
 def worker(args) -> None:
     """Build one implementation, write its meta-gradient, then time one meta-iteration per ``run`` line."""
     import torch
@@ -281,6 +317,8 @@ def worker(args) -> None:
         else:
             print(json.dumps({"maxrss_mb": maxrss_mb()}), flush=True)
             break
+    if args.profile:  # after the memory reading, so the profiler's own memory is not counted
+        print(json.dumps({"profile": profile_step(step)}), flush=True)
     if args.check_tasks:  # after the memory reading: the same code in float64 on the first tasks
         del step, grads
         grads = build(args.worker, float64_subset(state, args.check_tasks), args.order == "first",
@@ -357,7 +395,7 @@ class Worker:
         self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker", impl, "--order", args.order,
                                       "--state", str(state), "--grads", str(self.grads), "--threads", str(args.threads),
                                       "--check-tasks", str(args.check_tasks), "--chunk", str(args.chunk),
-                                      "--meta-batch", str(args.meta_batch)],
+                                      "--meta-batch", str(args.meta_batch)] + (["--profile"] if args.profile else []),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.stderr, "w"), text=True,
                                      env=env, cwd=str(ROOT))
         self.times: list[dict] = []
@@ -413,6 +451,7 @@ def run_order(args, impls: list[str], pythons: dict, state: Path, tmp: Path) -> 
     rows = []
     for w in workers:
         end = w.ask("quit") or {}
+        shares = (w.ask("") or {}).get("profile") if args.profile else None
         checked = (w.ask("") or {}).get("checked") if args.check_tasks else None
         w.proc.wait(timeout=600)
         row = {"impl": w.impl, "order": args.order, "error": w.error}
@@ -420,7 +459,8 @@ def run_order(args, impls: list[str], pythons: dict, state: Path, tmp: Path) -> 
             row.update(wall=statistics.median(t["wall"] for t in w.times), cpu=statistics.median(t["cpu"] for t in w.times),
                        maxrss_mb=end.get("maxrss_mb"), rss_before_mb=w.info.get("rss_before_mb"),
                        grad_agreement=agreement(torch.load(w.grads), reference) if reference is not None else None,
-                       grad_error=agreement(torch.load(str(w.grads) + ".float64"), exact) if checked else None)
+                       grad_error=agreement(torch.load(str(w.grads) + ".float64"), exact) if checked else None,
+                       profile=shares)
         rows.append(row)
     return rows
 
@@ -451,6 +491,16 @@ def report(rows: list[dict], args, source: str, skipped: dict) -> str:
                  "whose two largest values lie within float32 rounding of each other sends the gradient to one or "
                  "the other depending on summation order, so float32 meta-gradients of correct implementations "
                  "differ by up to 1e-3..1e-1 on some tasks (seen between the plain loop and learn2learn too).")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        columns = FAMILIES + ("BatchNorm double backward",)
+        lines += ["", "Where the time goes: one more meta-iteration of each under `torch.profiler`, each op's own CPU "
+                  "time by family, as a share of the profiled step, times the median CPU s above. The last column "
+                  "is inclusive (its ops are counted in the columns before it too).", "",
+                  "| order | implementation | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        for r in profiled:
+            lines.append(f"| {r['order']} | {r['impl']} | " + " | ".join(
+                f"{r['profile'][c] * r['cpu']:.2f} s ({r['profile'][c]:.0%})" for c in columns) + " |")
     for peer, why in skipped.items():
         lines.append(f"\n{peer}: skipped ({why})")
     return "\n".join(lines)
@@ -488,6 +538,8 @@ def main() -> None:
     parser.add_argument("--malloc", choices=["system", "kept"], default="system",
                         help="glibc's defaults in every process, or metakit's setting (freed memory kept for reuse, "
                              "as the metakit command runs) in every process, the peers' included")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one meta-iteration of each and print where its CPU time goes, by op family")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     # internal: one implementation's process
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)

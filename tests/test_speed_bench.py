@@ -51,3 +51,18 @@ def test_plain_loop_meta_gradient_is_metakits(speed, pool):
     ours = speed.build("metakit-loop", state, first_order=False)()
     for name, g in ours.items():
         torch.testing.assert_close(plain[name], g, rtol=1e-9, atol=1e-12)
+
+
+def test_profile_sorts_ops_into_families_and_shares_add_up(speed):
+    """``--profile``'s table: each op in its family, and the families' shares of a profiled step sum to one."""
+    assert speed.op_family("aten::convolution_backward") == "convolution backward"
+    assert speed.op_family("aten::mkldnn_convolution") == "convolution forward"
+    assert speed.op_family("aten::native_batch_norm_backward") == "batch norm kernels"
+    assert speed.op_family("aten::mul_") == speed.op_family("aten::threshold_backward") == "elementwise"
+    assert speed.op_family("aten::cat") == "other aten ops"
+    assert speed.op_family("autograd::engine::evaluate_function: ReluBackward0") == "outside aten"
+    state, _ = _state(speed, "max")
+    shares = speed.profile_step(speed.build("plain", state, first_order=False))
+    assert sum(shares[f] for f in speed.FAMILIES) == pytest.approx(1.0)
+    assert shares["convolution forward"] > 0 and shares["convolution backward"] > 0
+    assert 0 < shares["BatchNorm double backward"] < 1  # second order differentiates BatchNorm's backward

@@ -30,8 +30,12 @@ What was measured (``benchmarks/speed.py``; second-order MAML, Conv4 64 filters,
 loop at about 3.6-3.8 s) and what it decided, in :func:`layout_for`:
 
 - support passes grouped over the whole meta-batch, NCHW: as fast as the loop's (about 0.96 s);
-  in chunks of 4, 8 or 16 tasks: the same within noise; grouped in channels-last: 2.5x slower
-  (the double backward mixes layouts);
+  in chunks of 4, 8 or 16 tasks: the same within noise then; grouped in channels-last: 2.5x slower
+  (the double backward mixes layouts). Session 9, on the strided network with freed memory kept
+  (``metakit.engine.malloc``): chunks of 8 tasks make the whole step 1.025x faster on the idle
+  machine and 1.10x (1.18x on the max-pool network) beside two trainings, where BatchNorm's double
+  backward over a ``[5, 2048, 14, 14]`` activation had cost 18% of the step (a ``[5, 512, 14, 14]``
+  chunk stays in the caches). :func:`layout_for` takes 8;
 - query passes grouped over the whole meta-batch: 5.7 s, far slower than the loop: a
   ``[75, 2048, 28, 28]`` activation (480 MB) falls out of the caches, and every BatchNorm,
   max-pool and ReLU pass then runs at memory speed (a ReLU 7x slower per element than on one
@@ -60,6 +64,10 @@ trainings, so only ratios):
   ``[5, 2048, 28, 28]`` layer-one activation;
 - that BatchNorm written from basic ops (mean, mean of centred squares, ``addcmul``), so that its
   double backward is autograd's of those instead of ``native_batch_norm``'s: 0.99x, within noise.
+
+Kept in session 9: a ReLU overwrites the output of the layer before it (``F.relu(inplace=True)``; no
+layer here needs its output for its backward, and autograd raises if one did): 1.035x faster on the
+idle machine, the same numbers.
 
 On a GPU the caches argument does not hold and :func:`layout_for` keeps the whole meta-batch in
 one call (not measured here: no GPU on this machine).
@@ -218,6 +226,7 @@ def run_layers(layers: Iterable[Layer], params: Params, x: Tensor, B: int,
     ``[B, M, F]``; returns the same kinds. ``params[name]``: ``[B, *shape]`` per task or ``[*shape]`` shared.
     ``memory_format``: that of every convolution's output (None: what the convolution gives)."""
     x = _in_format(x, memory_format)
+    own = False  # whether x is an output of this call (a ReLU may then overwrite it)
     for layer in layers:
         if layer.kind == "conv":
             x = _conv(layer, params, x, B)
@@ -229,7 +238,8 @@ def run_layers(layers: Iterable[Layer], params: Params, x: Tensor, B: int,
             m = layer.module
             x = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         elif layer.kind == "relu":
-            x = F.relu(x)
+            # In place on an output of the layer before (its backward does not need it): 4% less time.
+            x = F.relu(x, inplace=own)
         elif layer.kind == "flatten":
             if x.dim() == 4:  # [M, B*C, h, w] -> [B, M, C*h*w]
                 x = x.reshape(x.shape[0], B, -1).transpose(0, 1)
@@ -241,6 +251,7 @@ def run_layers(layers: Iterable[Layer], params: Params, x: Tensor, B: int,
             if x.dim() == 4:
                 raise Unsupported("a Linear layer on images needs a Flatten before it")
             x = _linear(layer, params, x, B)
+        own = layer.kind in ("conv", "bn", "maxpool", "relu", "linear")
     return x
 
 
@@ -289,10 +300,11 @@ def _take(params: Params, theta: Params, parts: list[slice]) -> list[Params]:
 
 def layout_for(x: Tensor) -> dict:
     """The settings of :func:`batched_task_outputs` measured fastest for query inputs like ``x``
-    ``[B, M, ...]`` (see the module's docstring): on CPU, images take the query pass one task at a
-    time in channels-last; everything else (GPU, vectors) takes the whole meta-batch at once."""
+    ``[B, M, ...]`` (see the module's docstring): on CPU, images take the support pass 8 tasks per
+    call and the query pass one task at a time in channels-last; everything else (GPU, vectors) takes
+    the whole meta-batch at once."""
     if x.device.type == "cpu" and x.dim() == 5:
-        return {"query_chunk": 1, "channels_last": True}
+        return {"support_chunk": 8, "query_chunk": 1, "channels_last": True}
     return {}
 
 

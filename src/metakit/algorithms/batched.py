@@ -32,10 +32,10 @@ loop at about 3.6-3.8 s) and what it decided, in :func:`layout_for`:
 - support passes grouped over the whole meta-batch, NCHW: as fast as the loop's (about 0.96 s);
   in chunks of 4, 8 or 16 tasks: the same within noise then; grouped in channels-last: 2.5x slower
   (the double backward mixes layouts). Session 9, on the strided network with freed memory kept
-  (``metakit.engine.malloc``): chunks of 8 tasks make the whole step 1.025x faster on the idle
-  machine and 1.10x (1.18x on the max-pool network) beside two trainings, where BatchNorm's double
-  backward over a ``[5, 2048, 14, 14]`` activation had cost 18% of the step (a ``[5, 512, 14, 14]``
-  chunk stays in the caches). :func:`layout_for` takes 8;
+  (``metakit.engine.malloc``): chunks of 8 tasks make the whole step 1.10x faster (1.18x on the
+  max-pool network) beside two trainings, where BatchNorm's double backward over a ``[5, 2048, 14, 14]``
+  activation had cost 18% of the step (a ``[5, 512, 14, 14]`` chunk stays in the caches); on the
+  idle machine 0.99x and 1.03x, noise (``benchmarks/step_changes.py``). :func:`layout_for` takes 8;
 - query passes grouped over the whole meta-batch: 5.7 s, far slower than the loop: a
   ``[75, 2048, 28, 28]`` activation (480 MB) falls out of the caches, and every BatchNorm,
   max-pool and ReLU pass then runs at memory speed (a ReLU 7x slower per element than on one
@@ -66,8 +66,8 @@ trainings, so only ratios):
   double backward is autograd's of those instead of ``native_batch_norm``'s: 0.99x, within noise.
 
 Kept in session 9: a ReLU overwrites the output of the layer before it (``F.relu(inplace=True)``; no
-layer here needs its output for its backward, and autograd raises if one did): 1.035x faster on the
-idle machine, the same numbers.
+layer here needs its output for its backward, and autograd raises if one did): with the chunks, 1.03x
+(strided network) and 1.02x (max-pool) faster on the idle machine than session 8's step, the same numbers.
 
 On a GPU the caches argument does not hold and :func:`layout_for` keeps the whole meta-batch in
 one call (not measured here: no GPU on this machine).

@@ -64,6 +64,22 @@ def test_bad_inputs_give_one_clear_line(config_file, tmp_path, capsys):
     assert "image folder" in line and "not found" in line
 
 
+def test_train_init_checks_its_checkpoint_before_work_and_yields_to_a_resume(config_file, tmp_path, capsys):
+    line = one_error_line(capsys, ["train", str(config_file), "--init-step", "--out", str(tmp_path / "r")])
+    assert "--init-step continues the schedule of the checkpoint given with --init" in line
+    line = one_error_line(capsys, ["train", str(config_file), "--init", "missing.pt", "--out", str(tmp_path / "r")])
+    assert "checkpoint missing.pt not found" in line
+    assert not (tmp_path / "r").exists()  # refused before any work
+    assert main(["train", str(config_file), "--out", str(tmp_path / "src"), "--quiet"]) == 0
+    assert main(["train", str(config_file), "--init", str(tmp_path / "src"), "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "r" / "init.json").read_text())["checkpoint"].endswith("best.pt")
+    capsys.readouterr()
+    assert main(["train", str(config_file), "--init", str(tmp_path / "src"), "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    assert "has last.pt: resuming it; --init" in capsys.readouterr().err
+
+
 def test_eval_refuses_an_impossible_episode(config_file, tmp_path, capsys):
     assert main(["train", str(config_file), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     capsys.readouterr()

@@ -270,3 +270,64 @@ def test_max_grad_norm_clips_the_meta_gradient(folder, tmp_path):
 
     assert moved(0.0) > 0.05           # unclipped, the step is larger than the cap below
     assert moved(0.01) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_init_starts_a_new_run_from_a_checkpoints_weights(folder, tmp_path):
+    """``fit(init=...)``: the weights come from the checkpoint, step and schedule start at 0, and
+    ``init.json`` says where they came from."""
+    from metakit.engine.fit import warm_start
+
+    config = from_dict(folder_config(folder, steps=6, val_every=0))
+    fit(config, tmp_path / "source", progress=False)
+    source = torch.load(tmp_path / "source" / "last.pt", weights_only=False)
+    exp = Experiment(config)
+    fresh = {k: v.clone() for k, v in exp.learner.state_dict().items()}
+    assert any(not torch.equal(fresh[k], source["model"][k]) for k in fresh)
+    started = warm_start(tmp_path / "source" / "last.pt", exp.learner, config, None, None)
+    assert started["start_step"] == 0 and started["checkpoint_step"] == 6
+    assert all(torch.equal(v, source["model"][k]) for k, v in exp.learner.state_dict().items())
+
+    result = fit(config, tmp_path / "tuned", progress=False, init=tmp_path / "source" / "last.pt")
+    assert result.step == 6
+    assert json.loads((tmp_path / "tuned" / "init.json").read_text())["checkpoint_step"] == 6
+    assert [r["lr"] for r in _records(tmp_path / "tuned") if "lr" in r][0] == 1e-2  # its own schedule, from 0
+
+
+def test_init_step_carries_on_the_checkpoints_schedule(folder, tmp_path, monkeypatch):
+    """``init_step``: from the checkpoint's step to train.steps, the learning rate where the schedule
+    has it, the sampler reseeded (not replaying the first episodes)."""
+    from metakit.engine.fit import warm_start
+
+    config = from_dict(folder_config(folder, steps=12, val_every=0))
+    original = Experiment.train_sampler
+    monkeypatch.setattr(Experiment, "train_sampler", lambda self: CrashingSampler(original(self), 8))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, tmp_path / "first", progress=False)
+    monkeypatch.setattr(Experiment, "train_sampler", original)
+    weights_only = {k: v for k, v in torch.load(tmp_path / "first" / "last.pt", weights_only=False).items()
+                    if k in ("metakit_version", "config", "model", "transform", "step", "best")}
+    torch.save(weights_only, tmp_path / "shipped.pt")  # what a shipped checkpoint holds: no optimizer
+    assert weights_only["step"] == 6
+
+    result = fit(config, tmp_path / "carried", progress=False, init=tmp_path / "shipped.pt", init_step=True)
+    assert result.step == 12
+    records = [r for r in _records(tmp_path / "carried") if "lr" in r]
+    assert [r["step"] for r in records] == [8, 10, 12]
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 / 4, 1e-2 / 4, 1e-2 / 8])  # halved every 4 steps
+
+    exp = Experiment(config)
+    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(exp.learner.parameters(), lr=1e-2), 4, 0.5)
+    reseeded = exp.train_sampler()
+    warm_start(tmp_path / "shipped.pt", exp.learner, config, scheduler, reseeded, continue_schedule=True)
+    assert not torch.equal(reseeded.sample().query_x, exp.train_sampler().sample().query_x)
+
+    with pytest.raises(CheckpointError, match="nothing left to train"):
+        fit(from_dict(folder_config(folder, steps=6, val_every=0)), tmp_path / "over", progress=False,
+            init=tmp_path / "shipped.pt", init_step=True)
+
+
+def test_init_refuses_weights_of_another_architecture(folder, tmp_path):
+    fit(from_dict(folder_config(folder, steps=2, val_every=0)), tmp_path / "source", progress=False)
+    wider = from_dict({**folder_config(folder, steps=2, val_every=0), "model": {"hidden": 16}})
+    with pytest.raises(CheckpointError, match="do not fit a protonet learner"):
+        fit(wider, tmp_path / "run", progress=False, init=tmp_path / "source" / "last.pt")

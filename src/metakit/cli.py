@@ -32,6 +32,14 @@ def cmd_train(args) -> int:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("--tensorboard needs the optional tensorboard package: pip install tensorboard") from None
+    if args.init_step and not args.init:
+        raise ConfigError("--init-step continues the schedule of the checkpoint given with --init; add --init CKPT")
+    if args.init:
+        from .engine import checkpoint
+        args.init = str(checkpoint.resolve(args.init))  # a run folder: its best.pt (else last.pt), as eval
+        checkpoint.read(args.init)  # a metakit checkpoint, before any data is loaded
+        if (out / "last.pt").exists() and not args.restart:
+            print(f"{out} has last.pt: resuming it; --init {args.init} is not read", file=sys.stderr)
     if args.nproc is not None:  # launch N processes running this command without --nproc (torchrun)
         if args.nproc < 1 or distributed.launched():
             raise ConfigError("--nproc must be >= 1" if args.nproc < 1 else
@@ -40,12 +48,14 @@ def cmd_train(args) -> int:
         Experiment(config)  # loads and checks data before any process starts
         argv = ["train", args.config, *[a for o in args.set for a in ("--set", o)], "--out", str(out)]
         argv += [f"--{flag}" for flag in ("restart", "quiet", "tensorboard") if getattr(args, flag)]
+        argv += ["--init", args.init] if args.init else []
+        argv += ["--init-step"] if args.init_step else []
         return distributed.launch(args.nproc, argv, out)
     ctx = distributed.setup()  # under torchrun: joins the job
     experiment = Experiment(config)  # loads and checks data before any training
     try:
         result = fit(config, out, resume=not args.restart, progress=not args.quiet, experiment=experiment,
-                     tensorboard=args.tensorboard)
+                     tensorboard=args.tensorboard, init=args.init, init_step=args.init_step)
     except KeyboardInterrupt:
         if ctx.is_main:
             print(f"interrupted; {out}/last.pt holds the last checkpoint: run the same command to resume",
@@ -283,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>); an existing run there resumes")
     p.add_argument("--restart", action="store_true", help="start afresh even if the run folder has last.pt")
+    p.add_argument("--init", metavar="CKPT",
+                   help="start from the weights of a checkpoint or run folder's best.pt (fine-tuning; the optimizer starts "
+                        "afresh); ignored once --out holds last.pt, which the same command then resumes")
+    p.add_argument("--init-step", action="store_true",
+                   help="with --init: start at the checkpoint's step, its schedule moved on, e.g. to carry on "
+                        "training a shipped checkpoint whose run folder is gone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train in N processes on this machine, sharing each meta-batch (launches torchrun; "

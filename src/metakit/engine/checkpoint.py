@@ -62,6 +62,16 @@ def read(path: str | Path) -> dict:
     return state
 
 
+def load_weights(learner: Learner, state: dict, path: str | Path, algorithm: str) -> None:
+    """``state``'s weights into ``learner``, or one clear error naming the first mismatch."""
+    try:
+        learner.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise CheckpointError(f"{path}: its weights do not fit a {algorithm} learner with these options "
+                              f"({first[0].strip()}); was the file edited or written for another architecture?") from None
+
+
 def load(path: str | Path, model_overrides: list[str] | None = None) -> Learner:
     """The learner stored in a checkpoint (file or run folder), in eval mode, ready to ``adapt``.
 
@@ -81,12 +91,7 @@ def load(path: str | Path, model_overrides: list[str] | None = None) -> Learner:
             raise  # names the bad override
         raise CheckpointError(f"{path}: its config cannot be rebuilt by metakit {__version__} ({exc})") from None
     learner = build_from_config(config)
-    try:
-        learner.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1:2] or [str(exc)]
-        raise CheckpointError(f"{path}: its weights do not fit a {config.algorithm} learner with these options "
-                              f"({first[0].strip()}); was the file edited or written for another architecture?") from None
+    load_weights(learner, state, path, config.algorithm)
     learner.config = config
     learner.transform = state.get("transform") or {}
     learner.eval()

@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,10 +165,41 @@ def summary_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def warm_start(init: str | Path, learner: Learner, config: Config, scheduler, sampler,
+               continue_schedule: bool = False) -> dict:
+    """Start a new run from the weights of a checkpoint (``metakit train --init``): fine-tuning a
+    shipped model, or carrying on with a run whose ``last.pt`` is gone.
+
+    Only weights travel: the optimizer's moments start afresh. With ``continue_schedule`` the run
+    starts at the checkpoint's step, the learning-rate schedule moved on to it, and the task sampler
+    reseeded from (seed, step) so that it does not replay the episodes the checkpoint was trained on.
+    Returns what ``init.json`` records.
+    """
+    state = checkpoint.read(init)
+    checkpoint.load_weights(learner, state, init, config.algorithm)
+    step = int(state.get("step") or 0) if continue_schedule else 0
+    if step >= config.train.steps:
+        raise checkpoint.CheckpointError(
+            f"{init} was saved at step {step}, and train.steps is {config.train.steps}: nothing left to train "
+            "(raise train.steps, or leave out --init-step to start its schedule afresh)")
+    if step:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": moving the schedule on
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                scheduler.step()
+        if hasattr(sampler, "generator"):
+            sampler.generator.manual_seed(config.seed * 1_000_003 + step)
+    return {"checkpoint": str(init), "algorithm": state["config"].get("algorithm"),
+            "checkpoint_step": state.get("step"), "start_step": step}
+
+
 def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
-        experiment: Experiment | None = None, tensorboard: bool = False) -> FitResult:
+        experiment: Experiment | None = None, tensorboard: bool = False, init: str | Path | None = None,
+        init_step: bool = False) -> FitResult:
     """Meta-train ``config`` in ``run_dir``; resume from ``run_dir/last.pt`` when present.
 
+    A run folder without ``last.pt`` starts from ``init``'s weights when given (:func:`warm_start`);
+    once the run has a ``last.pt``, the same command resumes from it and ``init`` is not read again.
     With ``tensorboard``, every line of ``metrics.jsonl`` is also written as TensorBoard scalars.
     Under ``torchrun`` the processes share each meta-batch (:mod:`.distributed`).
     """
@@ -214,9 +246,15 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
         step, best, elapsed, running = state["step"], state["best"], state["elapsed"], state["running"]
         if main:
             _trim_metrics(run_dir / "metrics.jsonl", step)
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("")
+    else:
+        if init is not None:  # every process reads it: the same weights, schedule and sampler
+            started = warm_start(init, learner, config, scheduler, sampler, init_step)
+            step = started["start_step"]
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text("")
+            if init is not None:
+                (run_dir / "init.json").write_text(json.dumps(started, indent=1) + "\n")
     if main:
         (run_dir / "config.yaml").write_text(dump_config(config))
     ctx.broadcast_module(learner)  # the same weights everywhere, whatever each process built

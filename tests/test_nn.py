@@ -34,6 +34,17 @@ def test_conv4_blocks_set_the_depth_and_the_embedding_size():
         Conv4(image_size=28, blocks=6)
 
 
+def test_metric_learners_pass_blocks_to_their_conv4():
+    """``model.blocks`` reaches the encoder of every Conv4 metric learner (ProtoNet, Matching, Siamese)."""
+    from metakit.algorithms.matching import MatchingNet
+    from metakit.algorithms.protonet import ProtoNet
+    from metakit.algorithms.siamese import Siamese
+
+    for cls in (ProtoNet, MatchingNet, Siamese):
+        assert cls(cls.Options(blocks=5), image_size=56).encoder.embedding_dim == 64, cls.__name__
+        assert cls(cls.Options(), image_size=56).encoder.embedding_dim == 64 * 9, cls.__name__
+
+
 def test_strided_conv4_is_the_maml_reference_network():
     """``pool="stride"``: stride-2 convolutions, no max-pool, the mean over the last 2x2 map (28 -> 14 -> 7 -> 4 -> 2)."""
     torch.manual_seed(0)

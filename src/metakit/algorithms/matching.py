@@ -86,12 +86,13 @@ class MatchingNet(Learner):
         fce: bool = False         # full-context embeddings (sec. 2.1.2)
         fce_steps: int = 5        # K, processing steps of the attention LSTM (not reported in the paper)
         scale: float = 1.0        # multiplies the cosine in eq. 2 (1: the paper)
+        blocks: int = 4           # conv blocks; 5 at 56x56 pools to a 64-d embedding again
 
     def __init__(self, options: "MatchingNet.Options | None" = None, in_channels: int = 1, image_size: int = 28,
                  **_) -> None:
         super().__init__()
         self.options = options or MatchingNet.Options()
-        self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size)
+        self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size, blocks=self.options.blocks)
         if self.options.fce and self.options.fce_steps < 1:
             raise ValueError(f"model.fce_steps must be at least 1, got {self.options.fce_steps}")
         self.context = FullContext(self.encoder.embedding_dim, self.options.fce_steps) if self.options.fce else None

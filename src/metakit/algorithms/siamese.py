@@ -114,6 +114,7 @@ class Siamese(Learner):
         squared: bool = False              # contrastive: Hadsell's squared form instead of the linear one
         backbone: str = "conv4"            # conv4 (28x28) | koch (Koch et al.'s network, 105x105)
         hidden: int = 64                   # conv4 filters per block
+        blocks: int = 4                    # conv4 blocks; 5 at 56x56 pools to a 64-d embedding again
         init: str = "paper"                # koch backbone: paper (Koch sec. 3.2) | torch (PyTorch default)
         pairs: int = 128                   # pairs per task (Koch: minibatches of 128)
         positive_fraction: float = 0.5     # share of same-class pairs
@@ -131,7 +132,7 @@ class Siamese(Learner):
         if o.backbone == "koch":
             self.encoder = KochNet(in_channels, image_size, init=o.init)
         else:
-            self.encoder = Conv4(in_channels, o.hidden, image_size=image_size)
+            self.encoder = Conv4(in_channels, o.hidden, image_size=image_size, blocks=o.blocks)
         self.head = nn.Linear(self.encoder.embedding_dim, 1) if o.loss == "koch" else None  # alpha_j, b
         if self.head is not None and o.backbone == "koch" and o.init == "paper":
             koch_init_(self.head)

@@ -10,22 +10,17 @@ medians over the rounds after the first (a warm-up), and the ratio to the layout
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+from maml_step import maml_step, time_alternately  # noqa: E402  (puts src/ on the path)
 
 import metakit.algorithms.maml as maml_module  # noqa: E402
-from metakit.algorithms import MAML  # noqa: E402
 from metakit.algorithms.batched import layout_for  # noqa: E402
-from metakit.engine.fit import meta_backward  # noqa: E402
-from metakit.tasks import TaskBatch  # noqa: E402
 
+# the query pass's candidates; the support pass as the library has it (layout_for's support_chunk)
 CANDIDATES = {"1 task, channels-last": {"query_chunk": 1, "channels_last": True},
               "1 task, NCHW": {"query_chunk": 1, "channels_last": False},
               "4 tasks, channels-last": {"query_chunk": 4, "channels_last": True},
@@ -39,34 +34,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds, the first untimed")
     parser.add_argument("--meta-batch", type=int, default=32)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).resolve().parent / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    state, _ = speed.task_state(0, pool=args.pool, meta_batch=args.meta_batch)  # speed.py's weights and random tasks
-    learner = MAML(MAML.Options(hidden=64, pool=args.pool, inner_lr=state["inner_lr"]), ways=5)
-    learner.model.load_state_dict(state["weights"])
-    learner.train()
-    B = args.meta_batch
-    batch = TaskBatch(state["support_x"], state["support_y"], state["query_x"], state["query_y"], ways=5)
+    learner, batch = maml_step(args.pool, args.meta_batch)
     chosen = layout_for(batch.query_x)
-    times: dict[str, list[float]] = {k: [] for k in CANDIDATES}
-    try:
-        for r in range(args.rounds):
-            for name, layout in CANDIDATES.items():
-                maml_module.layout_for = lambda x, layout=layout: dict(layout)
-                learner.zero_grad(set_to_none=True)
-                start = time.process_time()
-                meta_backward(learner, batch, 0)
-                if r:
-                    times[name].append(time.process_time() - start)
-    finally:
+    support = {k: v for k, v in chosen.items() if k not in ("query_chunk", "channels_last")}
+    candidates = {name: {**support, **layout} for name, layout in CANDIDATES.items()}
+
+    def install(layout):
+        maml_module.layout_for = lambda x: dict(layout)
+
+    def restore():
         maml_module.layout_for = layout_for
-    base = statistics.median(next(t for k, t in times.items() if CANDIDATES[k] == chosen))
-    print(f"pool={args.pool}, meta-batch {B}, medians of {args.rounds - 1} rounds; layout_for picks {chosen}")
+
+    times, _ = time_alternately(learner, batch, candidates, install, restore, args.rounds)
+    base = next(t for name, t in times.items() if candidates[name] == chosen)
+    print(f"pool={args.pool}, meta-batch {args.meta_batch}, medians of {args.rounds - 1} rounds; "
+          f"layout_for picks {chosen}")
     print("| query layout | CPU s | × the chosen |\n|---|---|---|")
     for name, t in times.items():
-        print(f"| {name} | {statistics.median(t):.3f} | {statistics.median(t) / base:.2f}× |")
+        print(f"| {name} | {t:.3f} | {t / base:.2f}× |")
 
 
 if __name__ == "__main__":

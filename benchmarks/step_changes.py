@@ -13,26 +13,20 @@ the ``metakit`` command does: ``--malloc kept`` (the default) sets glibc's thres
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+from maml_step import maml_step, time_alternately  # noqa: E402  (puts src/ on the path)
+
 import torch.nn.functional as F  # noqa: E402
 
 import metakit.algorithms.batched as batched  # noqa: E402
 import metakit.algorithms.maml as maml_module  # noqa: E402
-from metakit.algorithms import MAML  # noqa: E402
-from metakit.engine.fit import meta_backward  # noqa: E402
 from metakit.engine.malloc import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
-from metakit.tasks import TaskBatch  # noqa: E402
 
 
 def out_of_place_functional():
@@ -47,46 +41,32 @@ def main() -> None:
     parser.add_argument("--pool", choices=["max", "stride"], default="stride")
     parser.add_argument("--rounds", type=int, default=7, help="rounds, the first untimed")
     parser.add_argument("--malloc", choices=["system", "kept"], default="kept")
+    parser.add_argument("--meta-batch", type=int, default=32)
     args = parser.parse_args()
     if args.malloc == "kept" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).resolve().parent / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    state, _ = speed.task_state(0, pool=args.pool, meta_batch=32)
-    learner = MAML(MAML.Options(hidden=64, pool=args.pool, inner_lr=state["inner_lr"]), ways=5)
-    learner.model.load_state_dict(state["weights"])
-    learner.train()
-    batch = TaskBatch(state["support_x"], state["support_y"], state["query_x"], state["query_y"], ways=5)
+    learner, batch = maml_step(args.pool, args.meta_batch)
     now = batched.layout_for
     before = {k: v for k, v in now(batch.query_x).items() if k != "support_chunk"}
     candidates = {"session 8's step": (lambda x: dict(before), out_of_place_functional()),
                   "support pass 8 tasks per call": (now, out_of_place_functional()),
                   "and in-place ReLU (the library)": (now, F)}
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    grads = {}
-    try:
-        for r in range(args.rounds):
-            for name, (layout, functional) in candidates.items():
-                maml_module.layout_for, batched.F = layout, functional
-                learner.zero_grad(set_to_none=True)
-                start = time.process_time()
-                meta_backward(learner, batch, 0)
-                if r:
-                    times[name].append(time.process_time() - start)
-                else:
-                    grads[name] = torch.cat([p.grad.flatten() for p in learner.parameters()])
-    finally:
+
+    def install(candidate):
+        maml_module.layout_for, batched.F = candidate
+
+    def restore():
         maml_module.layout_for, batched.F = now, F
+
+    times, grads = time_alternately(learner, batch, candidates, install, restore, args.rounds)
     ref = next(iter(grads.values()))
-    base = statistics.median(next(iter(times.values())))
-    print(f"pool={args.pool}, malloc {args.malloc}, medians of {args.rounds - 1} rounds, process CPU time")
+    base = next(iter(times.values()))
+    print(f"pool={args.pool}, meta-batch {args.meta_batch}, malloc {args.malloc}, medians of {args.rounds - 1} rounds, process CPU time")
     print("| step | CPU s | speed-up | float32 meta-gradient vs session 8's |\n|---|---|---|---|")
     for name, t in times.items():
         diff = ((grads[name] - ref).abs().max() / ref.abs().max()).item()
-        print(f"| {name} | {statistics.median(t):.3f} | {base / statistics.median(t):.3f}× | {diff:.1e} |")
+        print(f"| {name} | {t:.3f} | {base / t:.3f}× | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,22 @@ def test_profile_sorts_ops_into_families_and_shares_add_up(speed):
     assert sum(shares[f] for f in speed.FAMILIES) == pytest.approx(1.0)
     assert shares["convolution forward"] > 0 and shares["convolution backward"] > 0
     assert 0 < shares["BatchNorm double backward"] < 1  # second order differentiates BatchNorm's backward
+
+
+@pytest.mark.parametrize("script", ["query_layout.py", "step_changes.py"])
+def test_step_benchmarks_run_and_find_their_baseline(script):
+    """The step benchmarks run end to end on a small meta-batch; query_layout.py finds the layout the
+    library picks among its candidates (its ratios are taken to that one, which shows 1.00x)."""
+    import subprocess
+    import sys
+
+    path = SPEED.parent / script
+    out = subprocess.run([sys.executable, str(path), "--pool", "stride", "--rounds", "2", "--meta-batch", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == (5 if script == "query_layout.py" else 3)
+    if script == "query_layout.py":
+        assert "| 1 task, channels-last | " in out.stdout and rows[0].endswith("| 1.00× |")
+    else:
+        assert rows[0].endswith("| 1.000× | 0.0e+00 |")

@@ -83,5 +83,5 @@ def test_step_benchmarks_run_and_find_their_baseline(script):
     assert len(rows) == (5 if script == "query_layout.py" else 3)
     if script == "query_layout.py":
         assert "| 1 task, channels-last | " in out.stdout and rows[0].endswith("| 1.00× |")
-    else:
-        assert rows[0].endswith("| 1.000× | 0.0e+00 |")
+    else:  # neither change moves the float32 meta-gradient (the last column, relative to session 8's step)
+        assert all(float(row.rstrip(" |").rsplit("| ", 1)[1]) <= 1e-6 for row in rows), rows

@@ -187,8 +187,7 @@ def warm_start(init: str | Path, learner: Learner, config: Config, scheduler, sa
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step):
                 scheduler.step()
-        if hasattr(sampler, "generator"):
-            sampler.generator.manual_seed(config.seed * 1_000_003 + step)
+        sampler.generator.manual_seed(config.seed * 1_000_003 + step)  # every sampler draws from its generator
     return {"checkpoint": str(init), "algorithm": state["config"].get("algorithm"),
             "checkpoint_step": state.get("step"), "start_step": step}
 

@@ -93,3 +93,64 @@ def test_adam_rule_equals_torch_adam_with_momentum():
         opt.step()
         params = rule.update(params, {"w": 3 * (params["w"] - target) ** 2}, step, state)
     torch.testing.assert_close(params["w"], ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_shared_inner_state_is_one_torch_adam_carried_from_task_to_task():
+    """``inner_state=shared`` (the reference code): one Adam whose moments and step count run on through
+    the tasks of a meta-batch while the weights go back to theta after each; ``inner_loss=sum`` its loss."""
+    learner = tiny(inner_lr=0.01, inner_steps=3, inner_batch=0, inner_state="shared", inner_loss="sum")
+    batch = tiny_batch(B=2, shots=2)
+    _, grads = learner_grads(learner, batch)
+    model = copy.deepcopy(learner.model)
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.0, 0.999))
+    phis = []
+    for i in range(2):
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(theta[k])
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(batch.support_x[i]), batch.support_y[i], reduction="sum").backward()
+            opt.step()
+        phis.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for k in theta:  # the conv biases before BatchNorm: Adam's round-off steps (test above), which add up here
+        atol = 1e-6 if k.startswith("features.") and k.endswith(".0.bias") else 1e-9
+        torch.testing.assert_close(grads[f"model.{k}"], sum(theta[k] - phi[k] for phi in phis) / 2,
+                                   rtol=1e-7, atol=atol)
+    assert learner.inner_state.state["adam_t"] == 6
+    # the moments carried over matter: fresh ones per task give another second task
+    fresh = tiny(inner_lr=0.01, inner_steps=3, inner_batch=0, inner_loss="sum")
+    assert not torch.allclose(learner_grads(fresh, batch)[1]["model.head.weight"], grads["model.head.weight"])
+
+
+def test_shared_inner_state_at_test_starts_from_training_moments_and_is_put_back():
+    learner = tiny(inner_lr=0.01, inner_steps=2, inner_steps_test=3, inner_batch=0, inner_batch_test=0,
+                   inner_state="shared")
+    batch = tiny_batch(B=2)
+    learner.meta_loss(batch).loss.backward()
+    learner.eval()
+    saved = {k: v.clone() for k, v in learner.inner_state.state["adam_v"].items()}
+    first = learner.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0])
+    again = learner.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0])
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert learner.inner_state.state["adam_t"] == 4
+    assert all(torch.equal(saved[k], v) for k, v in learner.inner_state.state["adam_v"].items())
+    fresh = tiny(inner_lr=0.01, inner_steps_test=3, inner_batch_test=0)
+    fresh.load_state_dict(learner.state_dict())  # inner_state=task drops the saved moments
+    fresh.eval()
+    assert not torch.allclose(fresh.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0]), first)
+    # the moments travel with the weights (the checkpoint), and a copy adapts the same way
+    copied = tiny(inner_lr=0.01, inner_steps_test=3, inner_batch_test=0, inner_state="shared")
+    copied.load_state_dict(learner.state_dict())
+    copied.eval()
+    torch.testing.assert_close(copied.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0]), first,
+                               rtol=0, atol=0)
+    # weights saved without moments (inner_state=task) load into shared, which then starts them empty
+    copied.load_state_dict(fresh.state_dict())
+    assert copied.inner_state.state == {}
+
+
+def test_inner_state_must_be_task_or_shared():
+    with pytest.raises(ValueError, match="inner_state"):
+        tiny(inner_state="global")

@@ -90,11 +90,14 @@ class MetaSGDRule(nn.Module, UpdateRule):
 
 
 class AdamRule(UpdateRule):
-    """Adam (Kingma & Ba 2015) as an inner optimizer, with fresh moments for each task.
+    """Adam (Kingma & Ba 2015) as an inner optimizer.
 
     Reptile's Omniglot setting uses it with ``beta1 = 0`` (Nichol et al. 2018, appendix A). The
-    update equals ``torch.optim.Adam``'s. Meant for first-order use (Reptile): the square root
-    of a zero second moment has no usable second derivative.
+    update equals ``torch.optim.Adam``'s. Its moments and step count live in ``state``
+    (``adam_m``, ``adam_v``, ``adam_t``): an empty dict gives fresh moments for the task; a dict
+    carried from task to task keeps them, as the Reptile reference code's one TensorFlow optimizer
+    does. Meant for first-order use (Reptile): the square root of a zero second moment has no
+    usable second derivative.
     """
 
     def __init__(self, lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> None:
@@ -103,7 +106,7 @@ class AdamRule(UpdateRule):
     def update(self, params: Params, grads: Params, step: int, state: dict) -> Params:
         b1, b2 = self.betas
         m, v = state.setdefault("adam_m", {}), state.setdefault("adam_v", {})
-        t = step + 1
+        t = state["adam_t"] = state.get("adam_t", 0) + 1  # the step count for the bias correction
         new = {}
         for k, g in grads.items():
             m[k] = (b1 * m[k] if k in m else 0) + (1 - b1) * g

@@ -58,7 +58,7 @@ from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
 CHOICES = {"adapt": ("all", "head", "no_bn"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"), "pool": POOLS,
-           "inner_loss": ("per_shot", "mean")}
+           "inner_loss": ("per_shot", "mean", "sum")}
 
 
 @dataclass
@@ -73,7 +73,7 @@ class InnerLoopOptions:
     pool: str = "max"                 # conv4: max (2x2 max-pools, Vinyals et al.) | stride (stride-2 convs, the MAML reference's Omniglot net)
     mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])  # MLP hidden widths (MAML sec. 5.1)
     bn: str = "batch"                 # batch: current-batch statistics, training and test | running
-    inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the reference: N x mean)
+    inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the MAML reference: N x mean) | sum
     transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
     batched: bool = True              # adapt the meta-batch at once (algorithms/batched.py); False: a loop over tasks, same numbers
     recompute_queries: bool = False   # batched: recompute query activations in backward (~1.25x slower, ~half the memory)
@@ -160,6 +160,8 @@ class MAML(Learner):
             return F.mse_loss(output, target)
         if self.options.inner_loss == "per_shot":
             return F.cross_entropy(output, target, reduction="sum") * self.ways / target.numel()  # sum / K
+        if self.options.inner_loss == "sum":
+            return F.cross_entropy(output, target, reduction="sum")
         return F.cross_entropy(output, target)
 
     def query_loss(self, output: Tensor, target: Tensor) -> Tensor:

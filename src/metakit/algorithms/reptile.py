@@ -12,8 +12,15 @@ differentiated through the inner loop.
 
 Defaults: the paper's Omniglot setting (appendix A): inner Adam with ``beta1 = 0`` and
 step 0.001, 5 inner steps on minibatches of 10 in training (the task's support set, 10 shots per
-class in the paper's 1-shot training), 50 steps on minibatches of 5 at test. The Adam moments
-start fresh for each task here (the reference code keeps them across tasks).
+class in the paper's 1-shot training), 50 steps on minibatches of 5 at test.
+
+Where the inner optimizer's state lives (``inner_state``): ``task`` starts Adam's moments afresh
+for each task, so its first step is ``lr * sign(g)`` on every coordinate; ``shared`` keeps one set
+of moments and one step count across all tasks and meta-iterations, as the reference code
+(openai/supervised-reptile) does with its one TensorFlow optimizer: only the weights are restored
+after each task, and at test each task starts from training's moments, which are then put back.
+The shared moments are saved with the weights (:class:`InnerOptimizerState`). With ``--nproc``
+each process keeps its own, and the checkpoint holds the first process's.
 Non-transductive evaluation by default (each query classified with the support set as its
 BatchNorm batch, ``transductive=False``), the paper's headline setting in its final version.
 ``meta_loss`` reports the query loss and accuracy of the adapted weights in its metrics.
@@ -31,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..tasks import MetaOutput, TaskBatch
 from .base import register
@@ -46,6 +53,35 @@ def minibatches(n: int, size: int, count: int):
         return [None] * count
     order = torch.cat([torch.randperm(n) for _ in range(-(-count * size // n))])
     return list(order[:count * size].view(count, size))
+
+
+class InnerOptimizerState(nn.Module):
+    """The inner optimizer's state carried across tasks (``inner_state: shared``), saved in the
+    learner's ``state_dict`` as extra state: ``{"adam_m": {name: tensor}, "adam_v": ..., "adam_t": int}``."""
+
+    KEYS = ("adam_m", "adam_v", "adam_t")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: dict = {}
+
+    def get_extra_state(self) -> dict:
+        return {k: self.state[k] for k in self.KEYS if k in self.state}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.state = dict(state)
+
+    def for_task(self, training: bool, device: torch.device) -> dict:
+        """Training: the state itself, which the task's steps move on; test: a copy (the reference
+        restores the optimizer after each test task), whose dicts the update rule replaces, not mutates.
+        Moments loaded from a checkpoint move to ``device`` here."""
+        for key in ("adam_m", "adam_v"):
+            moments = self.state.get(key, {})
+            for name, value in moments.items():
+                moments[name] = value.to(device)
+        if training:
+            return self.state
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.state.items()}
 
 
 @register("reptile")
@@ -63,6 +99,7 @@ class Reptile(MAML):
         inner_optimizer: str = "adam"         # adam (beta1 = 0, the paper) | sgd
         inner_batch: int = 10                 # support examples per inner step in training; 0: all
         inner_batch_test: int = 5             # the same at test
+        inner_state: str = "task"             # task: fresh inner-optimizer moments per task | shared: kept across tasks (the reference)
 
     def __init__(self, options=None, in_channels: int = 1, image_size: int = 28, ways: int = 5,
                  task: str = "classification", **_) -> None:
@@ -70,6 +107,20 @@ class Reptile(MAML):
         if self.options.inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"reptile: model.inner_optimizer must be adam or sgd, "
                              f"got {self.options.inner_optimizer!r}")
+        if self.options.inner_state not in ("task", "shared"):
+            raise ValueError(f"reptile: model.inner_state must be task or shared, got {self.options.inner_state!r}")
+        if self.options.inner_state == "shared":
+            self.inner_state = InnerOptimizerState()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Weights trained with either ``inner_state`` load into either: ``task`` drops saved moments,
+        ``shared`` without saved moments starts them empty."""
+        key, state_dict = "inner_state._extra_state", dict(state_dict)
+        if self.options.inner_state == "task":
+            state_dict.pop(key, None)
+        else:
+            state_dict.setdefault(key, {})
+        return super().load_state_dict(state_dict, strict, assign)
 
     def update_rule(self, training: bool) -> UpdateRule:
         o = self.options
@@ -80,7 +131,9 @@ class Reptile(MAML):
         """``phi`` of one task (detached): ``k`` steps of the inner optimizer on support minibatches."""
         size = self.options.inner_batch if training else self.options.inner_batch_test
         steps = self.inner_steps(training)
-        rule, state = self.update_rule(training), {}
+        rule = self.update_rule(training)
+        state = ({} if self.options.inner_state == "task"
+                 else self.inner_state.for_task(training, support_x.device))
         params = parameters_of(self.model)
         for step, idx in enumerate(minibatches(support_x.shape[0], size, steps)):
             x, y = (support_x, support_y) if idx is None else (support_x[idx], support_y[idx])

@@ -34,7 +34,8 @@ def phi_by_torch_optim(model, x, y, steps, make_optimizer):
 ])
 def test_gradient_is_theta_minus_phi_after_k_steps(inner_optimizer, make_optimizer):
     lr = 0.1 if inner_optimizer == "sgd" else 0.01
-    learner = tiny(inner_optimizer=inner_optimizer, inner_lr=lr, inner_steps=3, inner_batch=0)
+    learner = tiny(inner_optimizer=inner_optimizer, inner_lr=lr, inner_steps=3, inner_batch=0, inner_state="task",
+                   inner_loss="mean")
     batch = tiny_batch(B=2, shots=2)
     _, grads = learner_grads(learner, batch)
     theta = {k: v.detach().clone() for k, v in learner.model.named_parameters()}
@@ -77,7 +78,7 @@ def test_minibatches_draw_without_replacement_through_shuffles():
 def test_defaults_are_the_papers_omniglot_setting():
     o = build_learner("reptile", None).options
     assert (o.inner_optimizer, o.inner_lr, o.inner_steps, o.inner_steps_test, o.inner_batch, o.inner_batch_test,
-            o.transductive) == ("adam", 0.001, 5, 50, 10, 5, False)
+            o.transductive, o.inner_loss, o.inner_state) == ("adam", 0.001, 5, 50, 10, 5, False, "sum", "shared")
 
 
 def test_adam_rule_equals_torch_adam_with_momentum():
@@ -98,7 +99,7 @@ def test_adam_rule_equals_torch_adam_with_momentum():
 def test_shared_inner_state_is_one_torch_adam_carried_from_task_to_task():
     """``inner_state=shared`` (the reference code): one Adam whose moments and step count run on through
     the tasks of a meta-batch while the weights go back to theta after each; ``inner_loss=sum`` its loss."""
-    learner = tiny(inner_lr=0.01, inner_steps=3, inner_batch=0, inner_state="shared", inner_loss="sum")
+    learner = tiny(inner_lr=0.01, inner_steps=3, inner_batch=0)  # the defaults: inner_state=shared, inner_loss=sum
     batch = tiny_batch(B=2, shots=2)
     _, grads = learner_grads(learner, batch)
     model = copy.deepcopy(learner.model)
@@ -120,13 +121,12 @@ def test_shared_inner_state_is_one_torch_adam_carried_from_task_to_task():
                                    rtol=1e-7, atol=atol)
     assert learner.inner_state.state["adam_t"] == 6
     # the moments carried over matter: fresh ones per task give another second task
-    fresh = tiny(inner_lr=0.01, inner_steps=3, inner_batch=0, inner_loss="sum")
+    fresh = tiny(inner_lr=0.01, inner_steps=3, inner_batch=0, inner_state="task")
     assert not torch.allclose(learner_grads(fresh, batch)[1]["model.head.weight"], grads["model.head.weight"])
 
 
 def test_shared_inner_state_at_test_starts_from_training_moments_and_is_put_back():
-    learner = tiny(inner_lr=0.01, inner_steps=2, inner_steps_test=3, inner_batch=0, inner_batch_test=0,
-                   inner_state="shared")
+    learner = tiny(inner_lr=0.01, inner_steps=2, inner_steps_test=3, inner_batch=0, inner_batch_test=0)
     batch = tiny_batch(B=2)
     learner.meta_loss(batch).loss.backward()
     learner.eval()
@@ -136,12 +136,12 @@ def test_shared_inner_state_at_test_starts_from_training_moments_and_is_put_back
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     assert learner.inner_state.state["adam_t"] == 4
     assert all(torch.equal(saved[k], v) for k, v in learner.inner_state.state["adam_v"].items())
-    fresh = tiny(inner_lr=0.01, inner_steps_test=3, inner_batch_test=0)
+    fresh = tiny(inner_lr=0.01, inner_steps_test=3, inner_batch_test=0, inner_state="task")
     fresh.load_state_dict(learner.state_dict())  # inner_state=task drops the saved moments
     fresh.eval()
     assert not torch.allclose(fresh.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0]), first)
     # the moments travel with the weights (the checkpoint), and a copy adapts the same way
-    copied = tiny(inner_lr=0.01, inner_steps_test=3, inner_batch_test=0, inner_state="shared")
+    copied = tiny(inner_lr=0.01, inner_steps_test=3, inner_batch_test=0)
     copied.load_state_dict(learner.state_dict())
     copied.eval()
     torch.testing.assert_close(copied.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0]), first,

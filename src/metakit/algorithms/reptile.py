@@ -99,7 +99,8 @@ class Reptile(MAML):
         inner_optimizer: str = "adam"         # adam (beta1 = 0, the paper) | sgd
         inner_batch: int = 10                 # support examples per inner step in training; 0: all
         inner_batch_test: int = 5             # the same at test
-        inner_state: str = "task"             # task: fresh inner-optimizer moments per task | shared: kept across tasks (the reference)
+        inner_loss: str = "sum"               # the reference's: the support cross-entropy summed over the minibatch
+        inner_state: str = "shared"           # shared: inner-optimizer moments kept across tasks (the reference) | task: fresh per task
 
     def __init__(self, options=None, in_channels: int = 1, image_size: int = 28, ways: int = 5,
                  task: str = "classification", **_) -> None:

@@ -109,10 +109,11 @@ class AdamRule(UpdateRule):
         t = state["adam_t"] = state.get("adam_t", 0) + 1  # the step count for the bias correction
         new = {}
         for k, g in grads.items():
-            m[k] = (b1 * m[k] if k in m else 0) + (1 - b1) * g
+            if b1:  # with beta1 = 0 (Reptile) the first moment is the gradient: nothing to keep
+                m[k] = (b1 * m[k] if k in m else 0) + (1 - b1) * g
             v[k] = (b2 * v[k] if k in v else 0) + (1 - b2) * g * g
             denom = v[k].sqrt() / (1 - b2 ** t) ** 0.5 + self.eps
-            new[k] = params[k] - self.lr / (1 - b1 ** t) * m[k] / denom
+            new[k] = params[k] - self.lr / (1 - b1 ** t) * (m[k] if b1 else g) / denom
         return new
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..nn import Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .metric import embed_tasks, metric_adapt
+from .metric import check_test_shift, embed_tasks, encode, metric_adapt
 
 
 def cosine_attention(zq: Tensor, zs: Tensor, scale: float = 1.0) -> Tensor:
@@ -87,6 +87,7 @@ class MatchingNet(Learner):
         fce_steps: int = 5        # K, processing steps of the attention LSTM (not reported in the paper)
         scale: float = 1.0        # multiplies the cosine in eq. 2 (1: the paper)
         blocks: int = 4           # conv blocks; 5 at 56x56 pools to a 64-d embedding again
+        test_shift: int = 0       # at test: mean embedding over translations by -n..n px (metric.encode)
 
     def __init__(self, options: "MatchingNet.Options | None" = None, in_channels: int = 1, image_size: int = 28,
                  **_) -> None:
@@ -96,11 +97,12 @@ class MatchingNet(Learner):
         if self.options.fce and self.options.fce_steps < 1:
             raise ValueError(f"model.fce_steps must be at least 1, got {self.options.fce_steps}")
         self.context = FullContext(self.encoder.embedding_dim, self.options.fce_steps) if self.options.fce else None
+        check_test_shift(self.options.test_shift)
 
     def embed(self, x: Tensor) -> Tensor:
-        """The context-free embedding ``f' = g'``: x [..., C, H, W] -> [..., D]."""
-        lead = x.shape[:-3]
-        return self.encoder(x.reshape(-1, *x.shape[-3:])).reshape(*lead, -1)
+        """The context-free embedding ``f' = g'``: x [..., C, H, W] -> [..., D]; averaged over ``test_shift``
+        translations at test."""
+        return encode(self.encoder, x, 0 if self.training else self.options.test_shift)
 
     def contextual(self, zq: Tensor, zs: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x^, S) [B, M, D], g(S) [B, S, D])``; the plain embeddings without FCE."""

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..nn import Conv4
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .metric import embed_tasks, metric_adapt
+from .metric import check_test_shift, embed_tasks, encode, metric_adapt
 from .siamese import affine_distort
 
 
@@ -45,17 +45,18 @@ class ProtoNet(Learner):
         hidden: int = 64  # conv filters per block
         augment: bool = False  # Koch et al.'s affine distortions of the training images
         blocks: int = 4  # conv blocks; 5 at 56x56 pools to a 64-d embedding again
+        test_shift: int = 0  # at test: mean embedding over translations by -n..n px (metric.encode)
 
     def __init__(self, options: "ProtoNet.Options | None" = None, in_channels: int = 1, image_size: int = 28,
                  **_) -> None:
         super().__init__()
         self.options = options or ProtoNet.Options()
         self.encoder = Conv4(in_channels, self.options.hidden, image_size=image_size, blocks=self.options.blocks)
+        check_test_shift(self.options.test_shift)
 
     def embed(self, x: Tensor) -> Tensor:
-        """x [..., C, H, W] -> [..., D], one encoder pass for all leading dims."""
-        lead = x.shape[:-3]
-        return self.encoder(x.reshape(-1, *x.shape[-3:])).reshape(*lead, -1)
+        """x [..., C, H, W] -> [..., D]; averaged over ``test_shift`` translations at test."""
+        return encode(self.encoder, x, 0 if self.training else self.options.test_shift)
 
     def logits(self, z_query: Tensor, z_support: Tensor, support_y: Tensor, ways: int) -> Tensor:
         """-squared distance to each prototype: [B, M, N] (eq. 2)."""

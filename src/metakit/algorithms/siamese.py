@@ -50,7 +50,7 @@ from ..nn import Conv4
 from ..nn.koch import KochNet, koch_init_
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .metric import embed_tasks, metric_adapt
+from .metric import check_test_shift, embed_tasks, encode, metric_adapt
 
 # Koch et al. sec. 3.2, the affine distortions: rotation (degrees), shear, scale, translation
 # (pixels at 105x105; the same fraction of the image at other sizes), each component applied with
@@ -120,6 +120,7 @@ class Siamese(Learner):
         positive_fraction: float = 0.5     # share of same-class pairs
         augment: bool = True               # Koch's affine distortions on training images
         shots_rule: str = "nearest"        # K-shot classification: nearest support example | mean similarity
+        test_shift: int = 0                # at test: mean embedding over translations by -n..n px (metric.encode)
 
     def __init__(self, options: "Siamese.Options | None" = None, in_channels: int = 1, image_size: int = 28,
                  **_) -> None:
@@ -136,6 +137,7 @@ class Siamese(Learner):
         self.head = nn.Linear(self.encoder.embedding_dim, 1) if o.loss == "koch" else None  # alpha_j, b
         if self.head is not None and o.backbone == "koch" and o.init == "paper":
             koch_init_(self.head)
+        check_test_shift(o.test_shift)
 
     @property
     def same_threshold(self) -> float:
@@ -143,9 +145,8 @@ class Siamese(Learner):
         return 0.0 if self.options.loss == "koch" else -self.options.margin / 2
 
     def embed(self, x: Tensor) -> Tensor:
-        """x [..., C, H, W] -> [..., D], one encoder pass for all leading dims."""
-        lead = x.shape[:-3]
-        return self.encoder(x.reshape(-1, *x.shape[-3:])).reshape(*lead, -1)
+        """x [..., C, H, W] -> [..., D]; averaged over ``test_shift`` translations at test."""
+        return encode(self.encoder, x, 0 if self.training else self.options.test_shift)
 
     def pair_scores(self, z1: Tensor, z2: Tensor) -> Tensor:
         """Similarity of matched embeddings ``[..., D]`` -> ``[...]``: log-odds of same (Koch) or -d."""

@@ -6,7 +6,8 @@
 Every checkpoint sees the same episodes (the Lake sampler's draws do not depend on the image size,
 checked here), each at its own image size; the ensemble sums the members' log-softmax outputs
 (``learner.adapt``, so any classifier learner) and takes the arg-max. Error rate and its 95% CI
-over episodes, as ``metakit eval --protocol lake-within-alphabet`` reports it.
+over episodes, as ``metakit eval --protocol lake-within-alphabet`` reports it. ``--test-shift N`` sets
+every metric member's ``model.test_shift`` (test-time translations by up to N px at its own size).
 """
 from __future__ import annotations
 
@@ -30,9 +31,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")
+    parser.add_argument("--test-shift", type=int, nargs="+", default=[0],
+                        help="model.test_shift of each checkpoint (one value: all of them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    learners = [metakit.load(path) for path in args.checkpoints]
+    shifts = args.test_shift * len(args.checkpoints) if len(args.test_shift) == 1 else args.test_shift
+    if len(shifts) != len(args.checkpoints):
+        parser.error(f"--test-shift takes one value or one per checkpoint ({len(args.checkpoints)}), got {len(shifts)}")
+    learners = [metakit.load(path, [f"model.test_shift={n}"] if n else None) for path, n in zip(args.checkpoints, shifts)]
     samplers = [lake_sampler(learner.config.data.image_size, root=args.data_root, ways=20, shots=1,
                              queries=1, seed=args.seed) for learner in learners]
     names = [Path(p).name for p in args.checkpoints] + ["ensemble (sum of log-softmax)"]
@@ -47,7 +53,7 @@ def main() -> None:
             correct[i].append((logp.argmax(-1) == y).float().mean().item())
             total = total + logp
         correct[-1].append((total.argmax(-1) == y).float().mean().item())
-    print(f"Lake within-alphabet 20-way 1-shot, {args.episodes} episodes (seed {args.seed})")
+    print(f"Lake within-alphabet 20-way 1-shot, {args.episodes} episodes (seed {args.seed}), test_shift {shifts}")
     print("| model | error % (95% CI) |\n|---|---|")
     for name, scores in zip(names, correct):
         mean, ci = mean_ci95(scores)

@@ -168,3 +168,21 @@ def test_eval_set_changes_test_time_inner_steps_only(tmp_path, capsys):
     assert "unknown key model.inner_stepz" in line
     line = one_error_line(capsys, ["eval", str(tmp_path / "run" / "last.pt"), "--set", "model.mlp_hidden=[8]"])
     assert "weights do not fit" in line
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "images_background.zip").exists(),
+                    reason="needs the shared Omniglot archives")
+def test_readme_error_examples_are_what_the_cli_prints(capsys, monkeypatch):
+    # The README shows `$ metakit ...` lines each followed by the one error line it prints; both must stay true.
+    monkeypatch.setenv("METAKIT_DATA", str(SHARED_DATA))
+    text = README.read_text()
+    examples = re.findall(r"^\$ metakit (.+)\n(metakit .+: error: .+)$", text, flags=re.M)
+    assert len(examples) >= 2
+    for command, printed in examples:
+        argv = command.split()
+        argv[1] = str(README.parent / argv[1])  # the config path, relative to the repository root
+        line = one_error_line(capsys, argv)
+        assert line == printed, f"README shows for `metakit {command}`:\n{printed}\nthe CLI prints:\n{line}"

@@ -1,14 +1,16 @@
-"""Session 9's two changes to the batched MAML step, each measured against the step without it.
+"""The changes to the batched MAML step since session 8, each measured against the step without it.
 
     python benchmarks/step_changes.py --pool stride --rounds 7
 
 One second-order MAML meta-iteration (Conv4 64 filters, 5-way 1-shot 28x28 random images, 15 queries
-per class, meta-batch 32, 1 inner step, 1 thread: ``benchmarks/speed.py``'s step and weights), three
+per class, meta-batch 32, 1 inner step, 1 thread: ``benchmarks/speed.py``'s step and weights), four
 ways, alternately in one process: as in session 8 (the support pass over the whole meta-batch in one
-grouped call, ReLU out of place), with the support pass 8 tasks per call (``layout_for``), and with
-in-place ReLU as well (the library now). Process CPU time, medians over the rounds after the first (a
-warm-up), and each one's speed-up over session 8's. Run it through ``metakit``'s malloc setting, as
-the ``metakit`` command does: ``--malloc kept`` (the default) sets glibc's thresholds and re-runs itself.
+grouped call, ReLU out of place, every convolution with its bias), with the support pass 8 tasks per
+call (``layout_for``, session 9), with in-place ReLU as well (session 9), and with the biases that
+BatchNorm cancels left out (``cancelled_biases``, session 17: the library now). Process CPU time,
+medians over the rounds after the first (a warm-up), and each one's speed-up over session 8's and over
+the step before it. Run it through ``metakit``'s malloc setting, as the ``metakit`` command does:
+``--malloc kept`` (the default) sets glibc's thresholds and re-runs itself.
 """
 from __future__ import annotations
 
@@ -47,26 +49,31 @@ def main() -> None:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     learner, batch = maml_step(args.pool, args.meta_batch)
-    now = batched.layout_for
+    now, followed_by_bn = batched.layout_for, batched._followed_by_bn
     before = {k: v for k, v in now(batch.query_x).items() if k != "support_chunk"}
-    candidates = {"session 8's step": (lambda x: dict(before), out_of_place_functional()),
-                  "support pass 8 tasks per call": (now, out_of_place_functional()),
-                  "and in-place ReLU (the library)": (now, F)}
+    every_bias = (lambda layers, i: False)  # every convolution keeps its bias
+    candidates = {"session 8's step": (lambda x: dict(before), out_of_place_functional(), every_bias),
+                  "support pass 8 tasks per call": (now, out_of_place_functional(), every_bias),
+                  "and in-place ReLU": (now, F, every_bias),
+                  "and no bias before BatchNorm (the library)": (now, F, followed_by_bn)}
 
     def install(candidate):
-        maml_module.layout_for, batched.F = candidate
+        maml_module.layout_for, batched.F, batched._followed_by_bn = candidate
 
     def restore():
-        maml_module.layout_for, batched.F = now, F
+        maml_module.layout_for, batched.F, batched._followed_by_bn = now, F, followed_by_bn
 
     times, grads = time_alternately(learner, batch, candidates, install, restore, args.rounds)
     ref = next(iter(grads.values()))
     base = next(iter(times.values()))
     print(f"pool={args.pool}, meta-batch {args.meta_batch}, malloc {args.malloc}, medians of {args.rounds - 1} rounds, process CPU time")
-    print("| step | CPU s | speed-up | float32 meta-gradient vs session 8's |\n|---|---|---|---|")
+    print("| step | CPU s | speed-up over session 8's | over the step before | float32 meta-gradient vs session 8's |")
+    print("|---|---|---|---|---|")
+    previous = base
     for name, t in times.items():
         diff = ((grads[name] - ref).abs().max() / ref.abs().max()).item()
-        print(f"| {name} | {t:.3f} | {base / t:.3f}× | {diff:.1e} |")
+        print(f"| {name} | {t:.3f} | {base / t:.3f}× | {previous / t:.3f}× | {diff:.1e} |")
+        previous = t
 
 
 if __name__ == "__main__":

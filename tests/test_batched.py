@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from metakit.algorithms import ANIL, FOMAML, MAML, MetaSGD, build_learner
-from metakit.algorithms.batched import (Unsupported, _in_format, batched_task_outputs, layout_for, plan,
-                                        run_layers, to_grouped)
+from metakit.algorithms.batched import (Unsupported, _in_format, batched_task_outputs, cancelled_biases, layout_for,
+                                        leave, plan, run_layers, to_grouped)
 from metakit.algorithms.inner_loop import AdamRule, adapt, forward, parameters_of
 from metakit.data import SinusoidSampler
 from metakit.tasks import TaskBatch
@@ -206,3 +206,22 @@ def test_relu_works_in_place_only_on_outputs_of_the_pass():
     assert torch.equal(x, given)
     torch.testing.assert_close(out, model(x))
     assert (out >= 0).all() and (out == 0).any()
+
+
+def test_a_convolution_bias_is_left_out_only_where_batchnorm_follows():
+    """BatchNorm on batch statistics cancels the bias of the convolution before it, ``BN(z + b) = BN(z)``: the
+    batched path leaves those biases out and keeps every other one, with the module's outputs either way."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    with torch.no_grad():  # biases large enough to matter wherever they are kept
+        model[0].bias.normal_(0, 5), model[3].bias.normal_(0, 5)
+    layers = plan(model)
+    assert cancelled_biases(layers) == ["0.bias"]
+    x = torch.rand(2, 4, 1, 6, 6, dtype=torch.float64)  # [B, M, C, H, W]
+    out = leave(run_layers(layers, parameters_of(model), to_grouped(x), 2), 2)  # [B, M, 3]
+    for b in range(2):
+        torch.testing.assert_close(out[b], model(x[b]), rtol=1e-10, atol=1e-12)
+    assert cancelled_biases(plan(MAML(tiny_options(MAML), image_size=SIZE, ways=WAYS).model)) == [
+        f"features.{i}.0.bias" for i in range(4)]

@@ -80,8 +80,13 @@ def test_step_benchmarks_run_and_find_their_baseline(script):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == (5 if script == "query_layout.py" else 3)
+    assert len(rows) == (5 if script == "query_layout.py" else 4)
     if script == "query_layout.py":
         assert "| 1 task, channels-last | " in out.stdout and rows[0].endswith("| 1.00× |")
-    else:  # neither change moves the float32 meta-gradient (the last column, relative to session 8's step)
-        assert all(float(row.rstrip(" |").rsplit("| ", 1)[1]) <= 1e-6 for row in rows), rows
+    else:  # the last column: the float32 meta-gradient relative to session 8's step
+        diffs = [float(row.rstrip(" |").rsplit("| ", 1)[1]) for row in rows]
+        assert all(d <= 1e-6 for d in diffs[:3]), rows  # chunks and in-place ReLU: the same arithmetic
+        # the biases BatchNorm cancels, left out: the same function, other float32 roundings, which the second-order
+        # step on these random weights magnifies (1.7e-2 at meta-batch 2, 2.8e-3 at 32; in float64 5.6e-15, and
+        # tests/test_batched.py checks it against the loop in float64)
+        assert 0 < diffs[3] <= 5e-2, rows

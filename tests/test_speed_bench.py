@@ -87,6 +87,6 @@ def test_step_benchmarks_run_and_find_their_baseline(script):
         diffs = [float(row.rstrip(" |").rsplit("| ", 1)[1]) for row in rows]
         assert all(d <= 1e-6 for d in diffs[:3]), rows  # chunks and in-place ReLU: the same arithmetic
         # the biases BatchNorm cancels, left out: the same function, other float32 roundings, which the second-order
-        # step on these random weights magnifies (1.7e-2 at meta-batch 2, 2.8e-3 at 32; in float64 5.6e-15, and
-        # tests/test_batched.py checks it against the loop in float64)
+        # step on these random weights magnifies (1.7e-2 here at meta-batch 2, 2.8e-3 at 32); tests/test_batched.py
+        # checks the batched path against the loop in float64
         assert 0 < diffs[3] <= 5e-2, rows

@@ -69,6 +69,10 @@ Kept in session 9: a ReLU overwrites the output of the layer before it (``F.relu
 layer here needs its output for its backward, and autograd raises if one did): with the chunks, 1.03x
 (strided network) and 1.02x (max-pool) faster on the idle machine than session 8's step, the same numbers.
 
+Kept in session 17: a convolution's bias is left out where BatchNorm on batch statistics follows it
+(:func:`cancelled_biases`; float64 meta-gradients equal to the loop's): on the idle machine, 1 thread, the step
+1.018x faster on the strided network and 1.033x on the max-pool one (``benchmarks/step_changes.py``).
+
 On a GPU the caches argument does not hold and :func:`layout_for` keeps the whole meta-batch in
 one call (not measured here: no GPU on this machine).
 """

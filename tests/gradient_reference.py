@@ -78,6 +78,16 @@ def learner_grads(learner, batch) -> tuple[float, dict]:
     return out.loss.item(), {k: p.grad.clone() for k, p in learner.named_parameters() if p.requires_grad}
 
 
+def assert_same_meta_gradients(a, b, batch, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+    """Two learners give the same meta-loss on ``batch`` and the same meta-gradient for every parameter."""
+    loss_a, grads_a = learner_grads(a, batch)
+    loss_b, grads_b = learner_grads(b, batch)
+    assert loss_b == pytest.approx(loss_a, rel=1e-12)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
 def assert_matches_finite_differences(learner, batch, grads: dict, coordinates: int, directions: int, seed: int,
                                       eps: float = 1e-6) -> None:
     """Central finite differences of ``learner.meta_loss(batch)`` (float64) against ``grads``: ``coordinates``

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..nn.batchnorm import set_inner_step
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,8 +32,12 @@ def parameters_of(module: nn.Module) -> Params:
     return dict(module.named_parameters())
 
 
-def forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """``module(x)`` with ``params`` in place of its parameters; its buffers as they are."""
+def forward(module: nn.Module, params: Params, x: Tensor, step: int | None = None) -> Tensor:
+    """``module(x)`` with ``params`` in place of its parameters; its buffers as they are. ``step``: the
+    inner step ``params`` are at (0: the meta-parameters), for layers that keep something per step
+    (MAML++'s per-step BatchNorm statistics, :mod:`metakit.nn.batchnorm`); None leaves them as they are."""
+    if step is not None:
+        set_inner_step(module, step)
     return functional_call(module, (params, dict(module.named_buffers())), (x,))
 
 
@@ -128,7 +134,7 @@ def inner_step(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: 
             params = {k: v.detach() for k, v in params.items()}
         params = {k: (v if v.requires_grad or k not in names else v.detach().requires_grad_())
                   for k, v in params.items()}
-        loss = loss_fn(forward(model, params, x), y)
+        loss = loss_fn(forward(model, params, x, step), y)
         state["loss"] = loss.detach()
         # Without create_graph the gradients come back detached: first order.
         grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph and not first_order,

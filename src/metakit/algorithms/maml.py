@@ -23,8 +23,12 @@ Choices, against the reference implementation (github.com/cbfinn/maml):
   of a task are normalised together. ``transductive=False`` normalises each query example with
   the support set instead (one forward pass per query, as Reptile's evaluation does).
   ``bn="running"`` keeps running statistics (updated by every forward pass in training,
-  support and query alike) and uses them in eval mode.
-  TODO: per-step running statistics and per-step BatchNorm weights (Antoniou et al. 2019, MAML++).
+  support and query alike) and uses them in eval mode. ``bn="per_step"`` keeps one set of running
+  statistics per inner step, the query pass after the last update having its own (Antoniou et al. 2019,
+  MAML++'s BNRS; :mod:`metakit.nn.batchnorm`): training normalises with the batch's statistics, so its
+  numbers are ``bn="batch"``'s, and evaluation is inductive. MAML++'s per-step BatchNorm weights and
+  biases (BNWB) are not offered. Weights meta-trained on batch statistics do not adapt under stored ones
+  (``benchmarks/RESULTS.md``, "BatchNorm at test"); ``transductive=False`` is the inductive evaluation that works.
 - The reference's BatchNorm has an offset but no scale and does not adapt it in the inner loop;
   here BatchNorm's scale and offset are parameters like the others and adapt with them, unless
   ``adapt="no_bn"``, which leaves them to the outer loop as the reference does.
@@ -57,7 +61,7 @@ from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, la
 from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
-CHOICES = {"adapt": ("all", "head", "no_bn"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running"), "pool": POOLS,
+CHOICES = {"adapt": ("all", "head", "no_bn"), "backbone": ("conv4", "mlp"), "bn": ("batch", "running", "per_step"), "pool": POOLS,
            "inner_loss": ("per_shot", "mean", "sum")}
 
 
@@ -72,7 +76,7 @@ class InnerLoopOptions:
     hidden: int = 64                  # conv4 filters per block
     pool: str = "max"                 # conv4: max (2x2 max-pools, Vinyals et al.) | stride (stride-2 convs, the MAML reference's Omniglot net)
     mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])  # MLP hidden widths (MAML sec. 5.1)
-    bn: str = "batch"                 # batch: current-batch statistics, training and test | running
+    bn: str = "batch"                 # batch: current-batch statistics, training and test | running | per_step: running statistics per inner step (MAML++)
     inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the MAML reference: N x mean) | sum
     transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
     batched: bool = True              # adapt the meta-batch at once (algorithms/batched.py); False: a loop over tasks, same numbers
@@ -97,7 +101,8 @@ def build_model(options: InnerLoopOptions, in_channels: int, image_size: int, wa
         raise ValueError(f"task must be classification or regression, got {task!r}")
     if options.backbone == "conv4":
         return Conv4(in_channels, options.hidden, out_features=ways, image_size=image_size,
-                     bn_track_running_stats=options.bn == "running", pool=options.pool)
+                     bn_track_running_stats=options.bn == "running", pool=options.pool,
+                     bn_slots=options.inner_steps + 1 if options.bn == "per_step" else 0)
     return nn.Sequential(nn.Flatten(), MLP(in_channels * image_size * image_size, tuple(options.mlp_hidden), ways))
 
 
@@ -177,15 +182,16 @@ class MAML(Learner):
     def uses_batch_statistics(self) -> bool:
         return uses_batch_statistics(self.model)
 
-    def outputs(self, params: Params, query_x: Tensor, support_x: Tensor) -> Tensor:
-        """Query outputs at ``params``: ``[M, N]`` logits or ``[M, 1]`` values.
+    def outputs(self, params: Params, query_x: Tensor, support_x: Tensor, step: int | None = None) -> Tensor:
+        """Query outputs at ``params``: ``[M, N]`` logits or ``[M, 1]`` values. ``step``: how many inner
+        updates ``params`` have had (for ``bn="per_step"``'s statistics).
 
         Non-transductive with batch statistics: query ``j`` is normalised with the support set,
         ``f([support; query_j])[-1]``, one forward pass per query.
         """
         if self.options.transductive or not self.uses_batch_statistics():
-            return forward(self.model, params, query_x)
-        return torch.cat([forward(self.model, params, torch.cat([support_x, q[None]]))[-1:] for q in query_x])
+            return forward(self.model, params, query_x, step)
+        return torch.cat([forward(self.model, params, torch.cat([support_x, q[None]]), step)[-1:] for q in query_x])
 
     def task_outputs(self, batch: TaskBatch, training: bool) -> tuple[Tensor, Tensor]:
         """Query loss ``[B]`` and outputs ``[B, M, N]`` (or ``[B, Q, 1]``) of each adapted task.
@@ -207,7 +213,7 @@ class MAML(Learner):
             sx, sy = batch.support_x[i], batch.support_y[i]  # [N*K, C, H, W], [N*K]
             params = self.adapt_params(sx, sy, training, create_graph=training)
             with torch.enable_grad() if training else torch.no_grad():
-                out = self.outputs(params, batch.query_x[i], sx)  # [M, N]
+                out = self.outputs(params, batch.query_x[i], sx, self.inner_steps(training))  # [M, N]
                 losses.append(self.query_loss(out, batch.query_y[i]))
             outs.append(out)
         return torch.stack(losses), torch.stack(outs)
@@ -261,7 +267,7 @@ class MAML(Learner):
 
         def predict(query_x: Tensor) -> Tensor:
             with torch.no_grad():
-                return self.outputs(params, query_x, support_x)
+                return self.outputs(params, query_x, support_x, self.inner_steps(False))
         return predict
 
 

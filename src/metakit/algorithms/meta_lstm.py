@@ -40,7 +40,7 @@ What is implemented, against the paper and its reference code (github.com/twitte
   as MAML's reference; ``transductive=False`` normalises each query with the support set).
   The reference evaluates with running statistics gathered over the episode's support passes;
   that is not reproduced (``bn="running"`` keeps running statistics across all training
-  episodes instead).
+  episodes instead; ``bn="per_step"`` one set per inner step, as MAML++).
 - The reference clips the meta-gradient norm at 0.25; the shipped configs do too
   (``train.max_grad_norm``, applied by the engine to the averaged meta-gradient).
 
@@ -216,7 +216,7 @@ class MetaLSTM(MAML):
         hidden: int = 64                  # conv4 filters per block (the paper's miniImageNet learner: 32)
         pool: str = "max"                 # conv4: max (2x2 max-pools, the paper's learner) | stride (stride-2 convs)
         mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])
-        bn: str = "batch"                 # batch: current-batch statistics, training and test | running
+        bn: str = "batch"                 # batch: current-batch statistics, training and test | running | per_step
         inner_loss: str = "mean"          # mean | per_shot (summed / K)
         transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
         compile: bool = False             # fuse the rule's per-coordinate step with torch.compile (needs a C++ compiler)

@@ -108,6 +108,9 @@ class Reptile(MAML):
         if self.options.inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"reptile: model.inner_optimizer must be adam or sgd, "
                              f"got {self.options.inner_optimizer!r}")
+        if self.options.bn == "per_step":
+            raise ValueError("reptile: model.bn=per_step keeps statistics per inner step of MAML's schedule, where the "
+                             "query pass follows the last update; Reptile's evaluation does not: use batch or running")
         if self.options.inner_state not in ("task", "shared"):
             raise ValueError(f"reptile: model.inner_state must be task or shared, got {self.options.inner_state!r}")
         if self.options.inner_state == "shared":

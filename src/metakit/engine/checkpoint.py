@@ -62,14 +62,31 @@ def read(path: str | Path) -> dict:
     return state
 
 
-def load_weights(learner: Learner, state: dict, path: str | Path, algorithm: str) -> None:
-    """``state``'s weights into ``learner``, or one clear error naming the first mismatch."""
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's buffers: not weights
+
+
+def load_weights(learner: Learner, state: dict, path: str | Path, algorithm: str,
+                 fresh_statistics: bool = False) -> list[str]:
+    """``state``'s weights into ``learner``, or one clear error naming the first mismatch.
+
+    ``fresh_statistics`` (a new run from these weights, ``metakit train --init``): BatchNorm running
+    statistics the checkpoint lacks (weights trained with ``bn="batch"`` into a learner with ``running`` or
+    ``per_step``) keep the learner's fresh values, for the run to fill, and those the learner does not
+    keep are dropped. Returns the names of the statistics left fresh."""
+    model = dict(state["model"])
+    fresh = []
+    if fresh_statistics:
+        own = learner.state_dict()
+        fresh = [k for k in own if k not in model and k.rsplit(".", 1)[-1] in STATISTICS]
+        model = {k: v for k, v in model.items() if k in own or k.rsplit(".", 1)[-1] not in STATISTICS}
+        model.update({k: own[k] for k in fresh})
     try:
-        learner.load_state_dict(state["model"])
+        learner.load_state_dict(model)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1:2] or [str(exc)]
         raise CheckpointError(f"{path}: its weights do not fit a {algorithm} learner with these options "
                               f"({first[0].strip()}); was the file edited or written for another architecture?") from None
+    return fresh
 
 
 def load(path: str | Path, model_overrides: list[str] | None = None) -> Learner:

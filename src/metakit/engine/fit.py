@@ -170,13 +170,14 @@ def warm_start(init: str | Path, learner: Learner, config: Config, scheduler, sa
     """Start a new run from the weights of a checkpoint (``metakit train --init``): fine-tuning a
     shipped model, or carrying on with a run whose ``last.pt`` is gone.
 
-    Only weights travel: the optimizer's moments start afresh. With ``continue_schedule`` the run
+    Only weights travel: the optimizer's moments start afresh, and BatchNorm running statistics the
+    checkpoint lacks (weights trained with ``bn="batch"``) start fresh and are recorded in ``init.json``. With ``continue_schedule`` the run
     starts at the checkpoint's step, the learning-rate schedule moved on to it, and the task sampler
     reseeded from (seed, step) so that it does not replay the episodes the checkpoint was trained on.
     Returns what ``init.json`` records.
     """
     state = checkpoint.read(init)
-    checkpoint.load_weights(learner, state, init, config.algorithm)
+    fresh = checkpoint.load_weights(learner, state, init, config.algorithm, fresh_statistics=True)
     step = int(state.get("step") or 0) if continue_schedule else 0
     if step >= config.train.steps:
         raise checkpoint.CheckpointError(
@@ -188,8 +189,11 @@ def warm_start(init: str | Path, learner: Learner, config: Config, scheduler, sa
             for _ in range(step):
                 scheduler.step()
         sampler.generator.manual_seed(config.seed * 1_000_003 + step)  # every sampler draws from its generator
-    return {"checkpoint": str(init), "algorithm": state["config"].get("algorithm"),
-            "checkpoint_step": state.get("step"), "start_step": step}
+    started = {"checkpoint": str(init), "algorithm": state["config"].get("algorithm"),
+               "checkpoint_step": state.get("step"), "start_step": step}
+    if fresh:  # e.g. bn=batch weights into a model with per-step statistics
+        started["fresh_statistics"] = fresh
+    return started
 
 
 def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,

@@ -47,7 +47,8 @@ def one_thread():
 
 
 def configs(folder) -> dict[str, dict]:
-    """ProtoNet and second-order MAML on tiny folder data; a meta-batch of 3 tasks splits 1 + 2 over 2 ranks.
+    """ProtoNet and second-order MAML (with BatchNorm on the batch, and with per-step running statistics) on tiny
+    folder data; a meta-batch of 3 tasks splits 1 + 2 over 2 ranks.
     SGD with a small step: Adam's normalisation would turn float round-off in near-zero gradient
     coordinates into steps of the full learning rate."""
     train = {"meta_batch_size": 3, "optimizer": "sgd", "lr": 3e-3, "threads": 1}
@@ -55,7 +56,10 @@ def configs(folder) -> dict[str, dict]:
     maml = folder_config(folder, **train)
     maml["algorithm"] = "maml"
     maml["model"] = {"hidden": 4, "inner_steps": 1, "inner_steps_test": 1, "first_order": False}
-    return {"protonet": proto, "maml": maml}
+    per_step = folder_config(folder, **train)  # running statistics per inner step: [3, C] sets, a counter per set
+    per_step["algorithm"] = "maml"
+    per_step["model"] = {"hidden": 4, "inner_steps": 2, "inner_steps_test": 2, "bn": "per_step"}
+    return {"protonet": proto, "maml": maml, "maml_per_step": per_step}
 
 
 def free_port() -> int:

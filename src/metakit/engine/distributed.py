@@ -44,7 +44,8 @@ Running statistics (``track_running_stats``) are combined exactly: with momentum
 ``q^u r0 + s_r`` (``q = 1 - m``), and the single-process value after all ranks' updates in task
 order is ``q^U r0 + sum_r q^(a_r) s_r``, where ``a_r`` is the number of updates made by the tasks
 after rank ``r``'s slice (every task of a meta-batch makes the same number of forward passes);
-with ``momentum=None`` (cumulative average) the counts weight the means. Other floating buffers
+with ``momentum=None`` (cumulative average) the counts weight the means. Per-step sets
+(``bn="per_step"``, ``[slots, C]`` with a counter per slot) combine row by row. Other floating buffers
 are averaged with the task weights, integer ones add their increments.
 
 Validation and ``metakit eval`` are sharded the same way: every rank draws the same seeded
@@ -249,18 +250,18 @@ def _buffer_plan(learner: nn.Module, before: dict, tasks: int, tasks_after: int,
         dot = f"{prefix}." if prefix else ""
         names = [f"{dot}running_mean", f"{dot}running_var", f"{dot}num_batches_tracked"]
         handled.update(names)
-        c0 = int(before[names[2]])
-        updates = int(m.num_batches_tracked) - c0
-        plan.append((names[2], torch.tensor([float(updates)], dtype=torch.float64, device=m.running_mean.device),
-                     _set_counter(m, c0)))
+        # One counter per set of statistics: a scalar, or [slots] for per-step sets (rows of [slots, C])
+        c0 = before[names[2]].to(torch.float64)
+        updates = m.num_batches_tracked.detach().to(torch.float64) - c0
+        plan.append((names[2], updates.reshape(-1).clone(), _set_counter(m, c0)))
         for name, buf in ((names[0], m.running_mean), (names[1], m.running_var)):
             r0, r = before[name].to(torch.float64), buf.detach().to(torch.float64)
             if m.momentum is None:  # cumulative average: r = (c0 r0 + sum of batch statistics) / (c0 + u)
-                plan.append((name, (c0 + updates) * r - c0 * r0, _cumulative(buf, r0, c0, m)))
+                plan.append((name, _rows(c0 + updates, r) * r - _rows(c0, r) * r0, _cumulative(buf, r0, c0, m)))
             else:
                 q = 1.0 - m.momentum
-                per_task = updates / tasks if tasks else 0.0
-                plan.append((name, q ** (per_task * tasks_after) * (r - q ** updates * r0),
+                per_task = updates / tasks if tasks else torch.zeros_like(updates)
+                plan.append((name, q ** _rows(per_task * tasks_after, r) * (r - q ** _rows(updates, r) * r0),
                              _exponential(buf, r0, q, m, c0)))
     for name, buf in current.items():
         if name in handled or name not in before:
@@ -273,24 +274,28 @@ def _buffer_plan(learner: nn.Module, before: dict, tasks: int, tasks_after: int,
     return plan
 
 
-def _set_counter(m: _BatchNorm, c0: int):
+def _rows(counts: Tensor, stats: Tensor) -> Tensor:
+    """Counters ``[]`` or ``[slots]`` shaped to multiply statistics ``[C]`` or ``[slots, C]`` row by row."""
+    return counts.reshape(counts.shape + (1,) * (stats.dim() - counts.dim()))
+
+
+def _set_counter(m: _BatchNorm, c0: Tensor):
     def finish(total: Tensor) -> None:
-        m.num_batches_tracked.fill_(c0 + int(round(float(total.sum()))))
+        m.num_batches_tracked.copy_((c0 + total.reshape(c0.shape)).round().to(m.num_batches_tracked.dtype))
     return finish
 
 
-def _exponential(buf: Tensor, r0: Tensor, q: float, m: _BatchNorm, c0: int):
+def _exponential(buf: Tensor, r0: Tensor, q: float, m: _BatchNorm, c0: Tensor):
     def finish(total: Tensor) -> None:
-        updates = int(m.num_batches_tracked) - c0  # all ranks' (the counter is finished first)
-        buf.copy_(total + q ** updates * r0)
+        updates = m.num_batches_tracked.to(torch.float64) - c0  # all ranks' (the counter is finished first)
+        buf.copy_(total + q ** _rows(updates, r0) * r0)
     return finish
 
 
-def _cumulative(buf: Tensor, r0: Tensor, c0: int, m: _BatchNorm):
+def _cumulative(buf: Tensor, r0: Tensor, c0: Tensor, m: _BatchNorm):
     def finish(total: Tensor) -> None:
-        count = int(m.num_batches_tracked)
-        if count > 0:
-            buf.copy_((c0 * r0 + total) / count)
+        count = _rows(m.num_batches_tracked.to(torch.float64), r0)
+        buf.copy_(torch.where(count > 0, (_rows(c0, r0) * r0 + total) / count.clamp(min=1), buf.to(torch.float64)))
     return finish
 
 

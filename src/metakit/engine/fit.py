@@ -171,9 +171,10 @@ def warm_start(init: str | Path, learner: Learner, config: Config, scheduler, sa
     shipped model, or carrying on with a run whose ``last.pt`` is gone.
 
     Only weights travel: the optimizer's moments start afresh, and BatchNorm running statistics the
-    checkpoint lacks (weights trained with ``bn="batch"``) start fresh and are recorded in ``init.json``. With ``continue_schedule`` the run
-    starts at the checkpoint's step, the learning-rate schedule moved on to it, and the task sampler
-    reseeded from (seed, step) so that it does not replay the episodes the checkpoint was trained on.
+    checkpoint lacks (weights trained with ``bn="batch"``) start fresh, named in ``init.json``. With
+    ``continue_schedule`` the run starts at the checkpoint's step, the learning-rate schedule moved on to
+    it, and the task sampler reseeded from (seed, step) so that it does not replay the episodes the
+    checkpoint was trained on.
     Returns what ``init.json`` records.
     """
     state = checkpoint.read(init)

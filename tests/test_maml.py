@@ -148,6 +148,9 @@ def test_non_transductive_prediction_normalises_each_query_with_the_support_set(
     for j in range(batch.query_x.shape[1]):
         x = torch.cat([batch.support_x[0], batch.query_x[0, j:j + 1]])
         torch.testing.assert_close(logits[j], conv4_forward(params, x)[-1])
+    with torch.no_grad():  # the sets in chunks of 4 queries (6 here): the same logits
+        chunked = learner.each_with_support(params, batch.query_x[0], batch.support_x[0], chunk=4)
+    torch.testing.assert_close(chunked, logits, rtol=1e-12, atol=1e-13)
     transductive = tiny(transductive=True).eval().meta_loss(batch).logits[0]
     assert not torch.allclose(logits, transductive)
 

@@ -57,7 +57,7 @@ from ..nn import MLP, Conv4
 from ..nn.conv4 import POOLS
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, layout_for, plan
+from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, enter, layout_for, leave, plan, run_layers
 from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
@@ -187,11 +187,27 @@ class MAML(Learner):
         updates ``params`` have had (for ``bn="per_step"``'s statistics).
 
         Non-transductive with batch statistics: query ``j`` is normalised with the support set,
-        ``f([support; query_j])[-1]``, one forward pass per query.
+        ``f([support; query_j])[-1]`` (:meth:`each_with_support`).
         """
         if self.options.transductive or not self.uses_batch_statistics():
             return forward(self.model, params, query_x, step)
-        return torch.cat([forward(self.model, params, torch.cat([support_x, q[None]]), step)[-1:] for q in query_x])
+        return self.each_with_support(params, query_x, support_x, step)
+
+    def each_with_support(self, params: Params, query_x: Tensor, support_x: Tensor, step: int | None = None,
+                          chunk: int = 16) -> Tensor:
+        """``f([support; query_j])[-1]`` for every query ``j``: ``[M, N]``. The ``[support; query_j]`` sets are laid
+        out as the tasks of :mod:`~metakit.algorithms.batched` (BatchNorm statistics per set), ``chunk`` sets per
+        pass; one pass per query where that path does not know the model."""
+        try:
+            layers = plan(self.model)
+        except Unsupported:
+            return torch.cat([forward(self.model, params, torch.cat([support_x, q[None]]), step)[-1:] for q in query_x])
+        outs = []
+        for q in query_x.split(chunk):  # [c, C, H, W]
+            c = q.shape[0]
+            sets = torch.cat([support_x.expand(c, *support_x.shape), q[:, None]], 1)  # [c, S + 1, C, H, W]
+            outs.append(leave(run_layers(layers, params, enter(sets), c), c)[:, -1])  # [c, N]
+        return torch.cat(outs)
 
     def task_outputs(self, batch: TaskBatch, training: bool) -> tuple[Tensor, Tensor]:
         """Query loss ``[B]`` and outputs ``[B, M, N]`` (or ``[B, Q, 1]``) of each adapted task.

@@ -57,7 +57,7 @@ from ..nn import MLP, Conv4
 from ..nn.conv4 import POOLS
 from ..tasks import MetaOutput, TaskBatch, accuracy
 from .base import Learner, register
-from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, enter, layout_for, leave, plan, run_layers
+from .batched import COORDINATEWISE_RULES, Unsupported, batched_task_outputs, each_with_support, layout_for, plan
 from .metric import uses_batch_statistics
 from .inner_loop import Params, SGDRule, UpdateRule, adapt, forward, parameters_of
 
@@ -195,19 +195,14 @@ class MAML(Learner):
 
     def each_with_support(self, params: Params, query_x: Tensor, support_x: Tensor, step: int | None = None,
                           chunk: int = 16) -> Tensor:
-        """``f([support; query_j])[-1]`` for every query ``j``: ``[M, N]``. The ``[support; query_j]`` sets are laid
-        out as the tasks of :mod:`~metakit.algorithms.batched` (BatchNorm statistics per set), ``chunk`` sets per
-        pass; one pass per query where that path does not know the model."""
+        """``f([support; query_j])[-1]`` for every query ``j``: ``[M, N]``, the ``[support; query_j]`` sets ``chunk``
+        at a time in the grouped layout (:func:`metakit.algorithms.batched.each_with_support`); one pass per query
+        where that layout does not know the model."""
         try:
             layers = plan(self.model)
         except Unsupported:
             return torch.cat([forward(self.model, params, torch.cat([support_x, q[None]]), step)[-1:] for q in query_x])
-        outs = []
-        for q in query_x.split(chunk):  # [c, C, H, W]
-            c = q.shape[0]
-            sets = torch.cat([support_x.expand(c, *support_x.shape), q[:, None]], 1)  # [c, S + 1, C, H, W]
-            outs.append(leave(run_layers(layers, params, enter(sets), c), c)[:, -1])  # [c, N]
-        return torch.cat(outs)
+        return each_with_support(layers, params, query_x, support_x, chunk)
 
     def task_outputs(self, batch: TaskBatch, training: bool) -> tuple[Tensor, Tensor]:
         """Query loss ``[B]`` and outputs ``[B, M, N]`` (or ``[B, Q, 1]``) of each adapted task.
@@ -223,7 +218,8 @@ class MAML(Learner):
                                         batch.support_y, batch.query_x, batch.query_y, self.support_loss,
                                         self.query_loss, self.update_rule(training), self.inner_steps(training),
                                         self.adapt_names, self.options.first_order, training,
-                                        recompute_queries=self.options.recompute_queries, **layout_for(batch.query_x))
+                                        recompute_queries=self.options.recompute_queries,
+                                        transductive=self.options.transductive, **layout_for(batch.query_x))
         losses, outs = [], []
         for i in range(batch.meta_batch_size):
             sx, sy = batch.support_x[i], batch.support_y[i]  # [N*K, C, H, W], [N*K]
@@ -239,16 +235,14 @@ class MAML(Learner):
 
         It needs: a model made of the layers :func:`~metakit.algorithms.batched.plan` knows (Conv4,
         MLP; BatchNorm on batch statistics, ``bn="batch"``), a coordinate-wise update rule (SGD,
-        Meta-SGD's, Adam), transductive evaluation when BatchNorm uses batch statistics, and this
-        class's own ``adapt_params`` and ``outputs`` (a subclass that changes them keeps the loop).
+        Meta-SGD's, Adam), and this class's own ``adapt_params`` and ``outputs`` (a subclass that changes
+        them keeps the loop). Transductive or not, it gives the loop's numbers.
         """
         rule = self.update_rule(training)
         if not isinstance(rule, COORDINATEWISE_RULES):
             return f"the update rule {type(rule).__name__} is not known to act coordinate-wise"
         if type(self).adapt_params is not MAML.adapt_params or type(self).outputs is not MAML.outputs:
             return f"{type(self).__name__} changes adapt_params or outputs"
-        if not training and not self.options.transductive and self.uses_batch_statistics():
-            return "non-transductive evaluation normalises each query with the support set, one pass per query"
         try:
             plan(self.model)
         except Unsupported as e:

@@ -21,7 +21,8 @@ Choices, against the reference implementation (github.com/cbfinn/maml):
 - As in the reference, BatchNorm normalises with the statistics of the current batch in training
   and at test (``bn="batch"``: no running statistics). Evaluation is then transductive: the query examples
   of a task are normalised together. ``transductive=False`` normalises each query example with
-  the support set instead (one forward pass per query, as Reptile's evaluation does).
+  the support set instead (as Reptile's evaluation does; the ``[support; query_j]`` sets 16 per grouped
+  pass, :func:`metakit.algorithms.batched.each_with_support`).
   ``bn="running"`` keeps running statistics (updated by every forward pass in training,
   support and query alike) and uses them in eval mode. ``bn="per_step"`` keeps one set of running
   statistics per inner step, the query pass after the last update having its own (Antoniou et al. 2019,

@@ -14,6 +14,8 @@ with the batch's statistics at test too; ``MAML.Options(transductive=False)`` is
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,8 +56,16 @@ class PerStepBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, slots={self.slots}"
 
 
+# module -> its PerStepBatchNorm2d layers, found once: the inner loop calls set_inner_step before every forward
+# pass, and walking a Conv4's modules each time cost 11 us, an eighth of the sinusoid MLP's forward pass (83 us).
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, list[PerStepBatchNorm2d]]" = weakref.WeakKeyDictionary()
+
+
 def set_inner_step(module: nn.Module, step: int) -> None:
-    """Tell every :class:`PerStepBatchNorm2d` of ``module`` the inner step of the next forward pass."""
-    for m in module.modules():
-        if isinstance(m, PerStepBatchNorm2d):
-            m.step = step
+    """Tell every :class:`PerStepBatchNorm2d` of ``module`` the inner step of the next forward pass
+    (the layers are looked up once per module: add none to it afterwards)."""
+    layers = _LAYERS.get(module)
+    if layers is None:
+        layers = _LAYERS[module] = [m for m in module.modules() if isinstance(m, PerStepBatchNorm2d)]
+    for m in layers:
+        m.step = step

@@ -3,11 +3,12 @@
     python benchmarks/step_changes.py --pool stride --rounds 7
 
 One second-order MAML meta-iteration (Conv4 64 filters, 5-way 1-shot 28x28 random images, 15 queries
-per class, meta-batch 32, 1 inner step, 1 thread: ``benchmarks/speed.py``'s step and weights), four
+per class, meta-batch 32, 1 inner step, 1 thread: ``benchmarks/speed.py``'s step and weights), five
 ways, alternately in one process: as in session 8 (the support pass over the whole meta-batch in one
 grouped call, ReLU out of place, every convolution with its bias), with the support pass 8 tasks per
 call (``layout_for``, session 9), with in-place ReLU as well (session 9), and with the biases that
-BatchNorm cancels left out (``cancelled_biases``, session 17: the library now). Process CPU time,
+BatchNorm cancels left out (``cancelled_biases``, session 17), then with each task's query pass
+back-propagated as soon as it has run (``query_losses_now``, session 18: the library now). Process CPU time,
 medians over the rounds after the first (a warm-up), and each one's speed-up over session 8's and over
 the step before it. Run it through ``metakit``'s malloc setting, as the ``metakit`` command does:
 ``--malloc kept`` (the default) sets glibc's thresholds and re-runs itself.
@@ -50,12 +51,14 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     learner, batch = maml_step(args.pool, args.meta_batch)
     now, followed_by_bn = batched.layout_for, batched._followed_by_bn
-    before = {k: v for k, v in now(batch.query_x).items() if k != "support_chunk"}
+    at_end = (lambda x: {**now(x), "query_backward_now": False})  # one backward for the whole graph
+    before = {k: v for k, v in at_end(batch.query_x).items() if k != "support_chunk"}
     every_bias = (lambda layers, i: False)  # every convolution keeps its bias
     candidates = {"session 8's step": (lambda x: dict(before), out_of_place_functional(), every_bias),
-                  "support pass 8 tasks per call": (now, out_of_place_functional(), every_bias),
-                  "and in-place ReLU": (now, F, every_bias),
-                  "and no bias before BatchNorm (the library)": (now, F, followed_by_bn)}
+                  "support pass 8 tasks per call": (at_end, out_of_place_functional(), every_bias),
+                  "and in-place ReLU": (at_end, F, every_bias),
+                  "and no bias before BatchNorm": (at_end, F, followed_by_bn),
+                  "and each task's query backward at once (the library)": (now, F, followed_by_bn)}
 
     def install(candidate):
         maml_module.layout_for, batched.F, batched._followed_by_bn = candidate

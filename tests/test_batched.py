@@ -222,3 +222,78 @@ def test_a_convolution_bias_is_left_out_only_where_batchnorm_follows():
         torch.testing.assert_close(out[b], model(x[b]), rtol=1e-10, atol=1e-12)
     assert cancelled_biases(plan(MAML(tiny_options(MAML), image_size=SIZE, ways=WAYS).model)) == [
         f"features.{i}.0.bias" for i in range(4)]
+
+
+def _run_batched(learner, batch, **kw):
+    """``batched_task_outputs`` of a learner's training schedule, the layout in ``kw``."""
+    theta = parameters_of(learner.model)
+    o = learner.options
+    return theta, batched_task_outputs(plan(learner.model), theta, batch.support_x, batch.support_y, batch.query_x,
+                                       batch.query_y, learner.support_loss, learner.query_loss,
+                                       learner.update_rule(True), o.inner_steps, learner.adapt_names, o.first_order,
+                                       True, transductive=o.transductive, **kw)
+
+
+@pytest.mark.parametrize("case", ["maml-2-steps", "fomaml", "anil", "metasgd", "maml-strided-no-bn",
+                                  "anil-each-query-with-support"])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_query_backward_now_gives_each_tasks_own_meta_gradient(case, chunk):
+    """Back-propagating each query chunk at once (the surrogate losses of ``query_losses_now``) leaves every
+    task's meta-gradient as it was, under any weighting of the tasks' losses: chunks of one task and of two,
+    shared parameters (ANIL's body, the reference's BatchNorm) and learned steps (Meta-SGD) included."""
+    cls, options = CASES[case]
+    _, learner = pair(cls, **options)
+    batch = tiny_batch(B=3)
+    weights = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)  # not the mean: per-task gradients must be exact
+    results = []
+    for now in (False, True):
+        theta, (losses, out) = _run_batched(learner, batch, query_chunk=chunk, query_backward_now=now)
+        params = [v for v in theta.values()] + [v for v in learner.parameters() if not any(v is t for t in theta.values())]
+        grads = torch.autograd.grad((weights * losses).sum(), params, allow_unused=True, materialize_grads=True)
+        results.append((losses.detach(), out.detach(), grads))
+    (l0, o0, g0), (l1, o1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(o1, o0, rtol=1e-10, atol=1e-13)
+    assert len(g0) == len(g1) and any(g.abs().sum() > 0 for g in g1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def _live_saved_bytes(fn) -> tuple[object, int]:
+    """``fn()``, and the bytes of the tensors its autograd graph still holds when it returns."""
+    import gc
+    import weakref
+
+    class Saved:
+        def __init__(self, t):
+            self.t = t
+
+    held = weakref.WeakSet()
+
+    def pack(t):
+        s = Saved(t)
+        held.add(s)
+        return s
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s.t):
+        result = fn()
+    gc.collect()
+    return result, sum(s.t.numel() * s.t.element_size() for s in list(held))
+
+
+def test_query_backward_now_frees_the_query_activations():
+    """With ``query_backward_now`` the graph left after the query passes holds what the support passes saved, the
+    same however many queries there are; without it, it grows with the queries (the activations of every task)."""
+    _, learner = pair(MAML, inner_lr=0.1, inner_steps=1)
+    held = {}
+    for queries in (2, 8):
+        batch = tiny_batch(B=3, queries=queries)
+        for now in (False, True):
+            result, held[queries, now] = _live_saved_bytes(
+                lambda: _run_batched(learner, batch, query_chunk=1, query_backward_now=now))
+            theta, (losses, _) = result
+            torch.autograd.grad(losses.sum(), list(theta.values()))  # the losses still lead back to every parameter
+            del result, theta, losses
+    assert held[8, True] == held[2, True] > 0
+    assert held[8, False] > held[2, False] > held[2, True]
+    assert held[8, False] - held[2, False] > 2 * held[2, True]  # the query activations dominated what was held

@@ -339,6 +339,28 @@ def _take(params: Params, theta: Params, parts: list[slice]) -> list[Params]:
     return [{k: split[k][i] if k in split else v for k, v in params.items()} for i in range(len(parts))]
 
 
+def query_losses_now(query_pass, p: Params, theta: Params, x: Tensor, y: Tensor, sx: Tensor) -> tuple[Tensor, Tensor]:
+    """``query_pass(p, x, y, sx)`` -> (losses ``[c]``, outputs ``[c, M, N]``) of ``c`` tasks, back-propagated at once
+    to ``p``, so that the query activations are freed before the next chunk's pass.
+
+    Each task's loss is returned as the surrogate ``l_b + <g_b, p_b> - stopgrad(<g_b, p_b>)`` with
+    ``g_b = dl_b / dp_b`` computed here: its value is ``l_b`` and its gradient through ``p_b`` (the adapted
+    parameters, and back through the inner loop to ``theta``) is the query pass's own, whatever weights the outer
+    loss gives the tasks. A parameter shared by the tasks (``[*shape]``, e.g. ANIL's body) enters the pass expanded
+    to ``[c, *shape]``, so that its gradient comes per task. The outputs are detached.
+    """
+    c = x.shape[0]
+    leaves, inputs = {}, dict(p)
+    for k, v in p.items():
+        if v.requires_grad:
+            leaf = v.detach().requires_grad_()
+            inputs[k] = leaves[k] = leaf if v.dim() == theta[k].dim() + 1 else leaf.expand(c, *leaf.shape)
+    loss, out = query_pass(inputs, x, y, sx)  # [c], [c, M, N]
+    grads = torch.autograd.grad(loss.sum(), list(leaves.values()), materialize_grads=True)  # each [c, *shape]
+    dot = sum(((g * p[k]).flatten(1).sum(1) for k, g in zip(leaves, grads)), loss.new_zeros(c))  # [c]; shared p[k] broadcasts
+    return loss.detach() + (dot - dot.detach()), out.detach()
+
+
 def layout_for(x: Tensor) -> dict:
     """The settings of :func:`batched_task_outputs` measured fastest for query inputs like ``x``
     ``[B, M, ...]`` (see the module's docstring): on CPU, images take the support pass 8 tasks per
@@ -354,7 +376,7 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                          rule: UpdateRule, steps: int, adapt_names: Iterable[str], first_order: bool,
                          training: bool, support_chunk: int | None = None, query_chunk: int | None = None,
                          channels_last: bool = False, recompute_queries: bool = False,
-                         transductive: bool = True) -> tuple[Tensor, Tensor]:
+                         transductive: bool = True, query_backward_now: bool = True) -> tuple[Tensor, Tensor]:
     """Query losses ``[B]`` and outputs ``[B, M, N]`` of every task after ``steps`` inner updates.
 
     The numbers of ``MAML.task_outputs``'s loop (eq. 1 per task, then the query loss, eq. 2):
@@ -367,6 +389,9 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
     backward pass (``torch.utils.checkpoint``): one more query forward pass, for a graph that no
     longer holds every task's query activations at once. ``transductive=False``: each query normalised with
     its task's support set alone (:func:`each_with_support`), as ``MAML.outputs`` does.
+    ``query_backward_now`` (training, without ``recompute_queries``): each query chunk back-propagates to its
+    parameters as soon as its forward pass ends (:func:`query_losses_now`), so the graph returned holds the
+    support passes only; the gradients of the losses are the same, and the outputs come back detached.
     """
     names = [n for n in theta if n in set(adapt_names)]
     B = support_x.shape[0]
@@ -402,7 +427,7 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
     def query_pass(p: Params, x: Tensor, y: Tensor, sx: Tensor) -> tuple[Tensor, Tensor]:
         c = x.shape[0]
         if transductive:
-            out = leave(run_layers(adapted, p, run_layers(fixed, theta, enter(x), c, fmt), c, fmt), c)  # [c, M, N]
+            out = leave(run_layers(adapted, p, run_layers(fixed, p, enter(x), c, fmt), c, fmt), c)  # [c, M, N]
         else:  # every layer again: the support set's statistics now include one query
             out = torch.stack([each_with_support(layers, {k: v[i] if v.dim() == theta[k].dim() + 1 else v
                                                           for k, v in p.items()}, x[i], sx[i]) for i in range(c)])
@@ -414,6 +439,8 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
         for s, p in zip(query_parts, _take(params, theta, query_parts)):
             if recompute_queries and training:
                 loss, out = checkpoint(query_pass, p, query_x[s], query_y[s], support_x[s], use_reentrant=False)
+            elif query_backward_now and training:
+                loss, out = query_losses_now(query_pass, p, theta, query_x[s], query_y[s], support_x[s])
             else:
                 loss, out = query_pass(p, query_x[s], query_y[s], support_x[s])
             losses.append(loss)  # [c]

@@ -40,7 +40,8 @@ Choices, against the reference implementation (github.com/cbfinn/maml):
 A whole meta-batch adapts at once by default (``batched``; :mod:`metakit.algorithms.batched`:
 grouped convolutions, BatchNorm statistics per task), with the numbers of the plain loop over
 tasks (``batched=False``), which stays for the settings the batched path does not know
-(``bn="running"``, non-transductive evaluation, other layers or update rules).
+(``bn="running"`` and ``bn="per_step"``, other layers or update rules); transductive or not, both give
+the same numbers.
 
 Training and test may take different numbers of steps and step sizes (``inner_steps`` 1 in
 training, ``inner_steps_test`` 3 at test on 5-way Omniglot).

@@ -7,7 +7,10 @@ statistics, 5-way 1-shot Omniglot shapes (28x28), meta-batch 32, 1 inner step (a
 mean support cross-entropy), 15 queries per class; second order (MAML, Finn et al. 2017, eq. 1-3)
 and first order (sec. 5.2). Implementations:
 
-- ``metakit-batched`` (the default path, the one the ratios are to), ``metakit-chunked`` (the same,
+- ``metakit-batched`` (the default path, the one the ratios are to: each task's query pass is
+  back-propagated as soon as it has run, so the graph that waits for ``backward`` holds the support
+  passes only), ``metakit-one-backward`` (the same path as before session 18: one backward for the
+  whole graph, every task's query activations held until then), ``metakit-chunked`` (the default,
   back-propagated every ``--chunk`` tasks as with ``train.tasks_per_backward``: one chunk's graph
   in memory at a time), ``metakit-recompute`` (the
   same with ``recompute_queries``: less memory, one more query forward pass), ``metakit-loop``
@@ -130,7 +133,8 @@ def install_peers(venv: Path, log_path: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # the implementations, each built in its own process from the same weights and tasks
 
-IMPLS = ("metakit-batched", "metakit-chunked", "metakit-recompute", "metakit-loop", "plain", "learn2learn", "higher")
+IMPLS = ("metakit-batched", "metakit-one-backward", "metakit-chunked", "metakit-recompute", "metakit-loop", "plain",
+         "learn2learn", "higher")
 PEERS = ("learn2learn", "higher")
 OURS = "metakit-batched"  # metakit's default path: the ratios are to it
 
@@ -172,6 +176,13 @@ def build(impl: str, state: dict, first_order: bool, chunk: int = 8):
         from metakit.algorithms import MAML
         from metakit.engine.fit import meta_backward
         from metakit.tasks import TaskBatch
+        import contextlib
+        from unittest import mock
+
+        import metakit.algorithms.maml as maml_module
+        layout = maml_module.layout_for
+        one_backward = (mock.patch.object(maml_module, "layout_for", lambda x: {**layout(x), "query_backward_now": False})
+                        if impl == "metakit-one-backward" else contextlib.nullcontext())  # the query passes wait
         learner = MAML(MAML.Options(hidden=state["hidden"], pool=state.get("pool", "max"), inner_lr=lr,
                                     first_order=first_order,
                                     batched=impl != "metakit-loop", recompute_queries=impl == "metakit-recompute"),
@@ -184,7 +195,8 @@ def build(impl: str, state: dict, first_order: bool, chunk: int = 8):
 
         def step():  # as the engine's training step
             learner.zero_grad(set_to_none=True)
-            meta_backward(learner, batch, tasks_per_backward)
+            with one_backward:
+                meta_backward(learner, batch, tasks_per_backward)
             return {k: p.grad for k, p in learner.model.named_parameters()}
         return step
 

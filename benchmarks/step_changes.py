@@ -8,7 +8,7 @@ ways, alternately in one process: as in session 8 (the support pass over the who
 grouped call, ReLU out of place, every convolution with its bias), with the support pass 8 tasks per
 call (``layout_for``, session 9), with in-place ReLU as well (session 9), and with the biases that
 BatchNorm cancels left out (``cancelled_biases``, session 17), then with each task's query pass
-back-propagated as soon as it has run (``query_losses_now``, session 18: the library now). Process CPU time,
+back-propagated as soon as it has run (``query_grads_now``, session 18: the library now). Process CPU time,
 medians over the rounds after the first (a warm-up), and each one's speed-up over session 8's and over
 the step before it. Run it through ``metakit``'s malloc setting, as the ``metakit`` command does:
 ``--malloc kept`` (the default) sets glibc's thresholds and re-runs itself.

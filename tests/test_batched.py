@@ -238,7 +238,7 @@ def _run_batched(learner, batch, **kw):
                                   "anil-each-query-with-support"])
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_query_backward_now_gives_each_tasks_own_meta_gradient(case, chunk):
-    """Back-propagating each query chunk at once (the surrogate losses of ``query_losses_now``) leaves every
+    """Back-propagating each query chunk at once (the surrogate losses of ``with_query_gradients``) leaves every
     task's meta-gradient as it was, under any weighting of the tasks' losses: chunks of one task and of two,
     shared parameters (ANIL's body, the reference's BatchNorm) and learned steps (Meta-SGD) included."""
     cls, options = CASES[case]

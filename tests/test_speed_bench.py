@@ -48,9 +48,10 @@ def test_peer_model_is_metakits_network(speed, pool):
 def test_plain_loop_meta_gradient_is_metakits(speed, pool):
     state, _ = _state(speed, pool)
     plain = speed.build("plain", state, first_order=False)()
-    ours = speed.build("metakit-loop", state, first_order=False)()
-    for name, g in ours.items():
-        torch.testing.assert_close(plain[name], g, rtol=1e-9, atol=1e-12)
+    for impl in ("metakit-loop", "metakit-batched", "metakit-one-backward"):
+        ours = speed.build(impl, state, first_order=False)()
+        for name, g in ours.items():
+            torch.testing.assert_close(plain[name], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{impl}, {name}: {m}")
 
 
 def test_profile_sorts_ops_into_families_and_shares_add_up(speed):

@@ -339,26 +339,34 @@ def _take(params: Params, theta: Params, parts: list[slice]) -> list[Params]:
     return [{k: split[k][i] if k in split else v for k, v in params.items()} for i in range(len(parts))]
 
 
-def query_losses_now(query_pass, p: Params, theta: Params, x: Tensor, y: Tensor, sx: Tensor) -> tuple[Tensor, Tensor]:
-    """``query_pass(p, x, y, sx)`` -> (losses ``[c]``, outputs ``[c, M, N]``) of ``c`` tasks, back-propagated at once
-    to ``p``, so that the query activations are freed before the next chunk's pass.
-
-    Each task's loss is returned as the surrogate ``l_b + <g_b, p_b> - stopgrad(<g_b, p_b>)`` with
-    ``g_b = dl_b / dp_b`` computed here: its value is ``l_b`` and its gradient through ``p_b`` (the adapted
-    parameters, and back through the inner loop to ``theta``) is the query pass's own, whatever weights the outer
-    loss gives the tasks. A parameter shared by the tasks (``[*shape]``, e.g. ANIL's body) enters the pass expanded
-    to ``[c, *shape]``, so that its gradient comes per task. The outputs are detached.
-    """
+def query_grads_now(query_pass, p: Params, theta: Params, wanted: Iterable[str], x: Tensor, y: Tensor,
+                    sx: Tensor) -> tuple[Tensor, Tensor, Params]:
+    """``query_pass(p, x, y, sx)`` of ``c`` tasks -> (losses ``[c]``, outputs ``[c, M, N]``, ``{name: d loss_b / d p[name]
+    [c, *shape]}`` for the ``wanted`` names), back-propagated at once, so that the query activations are freed
+    before the next chunk's pass. ``p`` is detached. A parameter shared by the tasks (``[*shape]``, e.g. ANIL's
+    body) enters the pass expanded to ``[c, *shape]``, so that its gradient comes per task. Nothing returned
+    keeps a graph; :func:`with_query_gradients` joins the gradients to the parameters' own graph."""
     c = x.shape[0]
     leaves, inputs = {}, dict(p)
-    for k, v in p.items():
-        if v.requires_grad:
-            leaf = v.detach().requires_grad_()
-            inputs[k] = leaves[k] = leaf if v.dim() == theta[k].dim() + 1 else leaf.expand(c, *leaf.shape)
+    for k in wanted:
+        leaf = p[k].requires_grad_()
+        inputs[k] = leaves[k] = leaf if leaf.dim() == theta[k].dim() + 1 else leaf.expand(c, *leaf.shape)
     loss, out = query_pass(inputs, x, y, sx)  # [c], [c, M, N]
     grads = torch.autograd.grad(loss.sum(), list(leaves.values()), materialize_grads=True)  # each [c, *shape]
-    dot = sum(((g * p[k]).flatten(1).sum(1) for k, g in zip(leaves, grads)), loss.new_zeros(c))  # [c]; shared p[k] broadcasts
-    return loss.detach() + (dot - dot.detach()), out.detach()
+    return loss.detach(), out.detach(), dict(zip(leaves, grads))
+
+
+def with_query_gradients(losses: Tensor, params: Params, grads: list[Params]) -> Tensor:
+    """The surrogate ``l_b + <g_b, p_b> - stopgrad(<g_b, p_b>)`` of each task's query loss ``l_b`` (``losses [B]``,
+    detached), ``g_b`` its gradient at the task's parameters ``p_b`` (``grads``: one dict per query chunk, from
+    :func:`query_grads_now`; ``params[name]`` ``[B, *shape]`` per task or ``[*shape]`` shared). Its value is
+    ``l_b`` exactly and its gradient with respect to everything ``p_b`` came from (the inner loop, ``theta``,
+    Meta-SGD's steps) is the query pass's own, whatever weights the outer loss gives the tasks."""
+    dot = losses.new_zeros(losses.shape)  # [B]
+    for k in grads[0]:
+        g = torch.cat([part[k] for part in grads])  # [B, *shape]
+        dot = dot + (g * params[k]).flatten(1).sum(1)  # a shared params[k] broadcasts
+    return losses + (dot - dot.detach())
 
 
 def layout_for(x: Tensor) -> dict:
@@ -390,8 +398,8 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
     longer holds every task's query activations at once. ``transductive=False``: each query normalised with
     its task's support set alone (:func:`each_with_support`), as ``MAML.outputs`` does.
     ``query_backward_now`` (training, without ``recompute_queries``): each query chunk back-propagates to its
-    parameters as soon as its forward pass ends (:func:`query_losses_now`), so the graph returned holds the
-    support passes only; the gradients of the losses are the same, and the outputs come back detached.
+    parameters as soon as its forward pass ends (:func:`query_grads_now`, :func:`with_query_gradients`), so the graph
+    returned holds the support passes only; the gradients of the losses are the same, the outputs come back detached.
     """
     names = [n for n in theta if n in set(adapt_names)]
     B = support_x.shape[0]
@@ -433,19 +441,25 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                                                           for k, v in p.items()}, x[i], sx[i]) for i in range(c)])
         return task_losses(query_loss, out, y), out
 
-    losses, outs = [], []
+    losses, outs, grads = [], [], []
+    now = training and query_backward_now and not recompute_queries
+    wanted = [k for k, v in params.items() if v.requires_grad] if now else []
     with grad_ctx:
         query_parts = _chunks(B, query_chunk)
-        for s, p in zip(query_parts, _take(params, theta, query_parts)):
+        source = {k: v.detach() for k, v in params.items()} if now else params
+        for s, p in zip(query_parts, _take(source, theta, query_parts)):
             if recompute_queries and training:
                 loss, out = checkpoint(query_pass, p, query_x[s], query_y[s], support_x[s], use_reentrant=False)
-            elif query_backward_now and training:
-                loss, out = query_losses_now(query_pass, p, theta, query_x[s], query_y[s], support_x[s])
+            elif now:
+                loss, out, g = query_grads_now(query_pass, p, theta, wanted, query_x[s], query_y[s], support_x[s])
+                grads.append(g)
             else:
                 loss, out = query_pass(p, query_x[s], query_y[s], support_x[s])
             losses.append(loss)  # [c]
             outs.append(out)  # [c, M, N]
         losses = torch.cat(losses)
+        if now and wanted:
+            losses = with_query_gradients(losses, params, grads)
         # The adapted biases the query pass left out enter the losses with weight zero, so that everything
         # they came from (theta's bias, Meta-SGD's step for it) gets its exact meta-gradient, a zero tensor.
         unused = [params[k] for k in cancelled_biases(layers) if k in params and params[k].requires_grad]

@@ -73,6 +73,13 @@ Kept in session 17: a convolution's bias is left out where BatchNorm on batch st
 (:func:`cancelled_biases`; float64 meta-gradients equal to the loop's): on the idle machine, 1 thread, the step
 1.018x faster on the strided network and 1.033x on the max-pool one (``benchmarks/step_changes.py``).
 
+Kept in session 18: in training each task's query pass is back-propagated to its adapted parameters as soon as it
+has run (:func:`query_grads_now`), and the losses returned are surrogates with the same gradients
+(:func:`with_query_gradients`), so the graph that waits for the meta-batch's backward holds the support passes
+only. Idle machine, 1 thread, second order: peak memory 744 -> 463 MB (strided network; learn2learn 451) and
+2379 -> 1259 MB (max-pool), the same speed (0.997x and 0.992x, ``benchmarks/step_changes.py``); first order
+2-8% slower for 654 -> 562 MB and 2002 -> 1296 MB (``benchmarks/speed.py --impls metakit-batched metakit-one-backward``).
+
 On a GPU the caches argument does not hold and :func:`layout_for` keeps the whole meta-batch in
 one call (not measured here: no GPU on this machine).
 """

@@ -82,7 +82,7 @@ class InnerLoopOptions:
     inner_loss: str = "mean"          # mean | per_shot: support cross-entropy summed / K (the MAML reference: N x mean) | sum
     transductive: bool = True         # query examples share BatchNorm statistics; False: each with the support set
     batched: bool = True              # adapt the meta-batch at once (algorithms/batched.py); False: a loop over tasks, same numbers
-    recompute_queries: bool = False   # batched: recompute query activations in backward (~1.25x slower, ~half the memory)
+    recompute_queries: bool = False   # batched: recompute query activations in backward (~1.25x slower; the default frees them already)
 
 
 def check_options(options, name: str) -> None:

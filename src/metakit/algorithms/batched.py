@@ -363,15 +363,14 @@ def query_grads_now(query_pass, p: Params, theta: Params, wanted: Iterable[str],
     return loss.detach(), out.detach(), dict(zip(leaves, grads))
 
 
-def with_query_gradients(losses: Tensor, params: Params, grads: list[Params]) -> Tensor:
+def with_query_gradients(losses: Tensor, params: Params, grads: Params) -> Tensor:
     """The surrogate ``l_b + <g_b, p_b> - stopgrad(<g_b, p_b>)`` of each task's query loss ``l_b`` (``losses [B]``,
-    detached), ``g_b`` its gradient at the task's parameters ``p_b`` (``grads``: one dict per query chunk, from
+    detached), ``g_b`` its gradient at the task's parameters ``p_b`` (``grads[name]`` ``[B, *shape]``, from
     :func:`query_grads_now`; ``params[name]`` ``[B, *shape]`` per task or ``[*shape]`` shared). Its value is
     ``l_b`` exactly and its gradient with respect to everything ``p_b`` came from (the inner loop, ``theta``,
     Meta-SGD's steps) is the query pass's own, whatever weights the outer loss gives the tasks."""
     dot = losses.new_zeros(losses.shape)  # [B]
-    for k in grads[0]:
-        g = torch.cat([part[k] for part in grads])  # [B, *shape]
+    for k, g in grads.items():
         dot = dot + (g * params[k]).flatten(1).sum(1)  # a shared params[k] broadcasts
     return losses + (dot - dot.detach())
 
@@ -448,7 +447,7 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                                                           for k, v in p.items()}, x[i], sx[i]) for i in range(c)])
         return task_losses(query_loss, out, y), out
 
-    losses, outs, grads = [], [], []
+    losses, outs, grads = [], [], {}  # grads: {name: [B, *shape]}, each task's query gradient
     now = training and query_backward_now and not recompute_queries
     wanted = [k for k, v in params.items() if v.requires_grad] if now else []
     with grad_ctx:
@@ -459,7 +458,8 @@ def batched_task_outputs(layers: list[Layer], theta: Params, support_x: Tensor, 
                 loss, out = checkpoint(query_pass, p, query_x[s], query_y[s], support_x[s], use_reentrant=False)
             elif now:
                 loss, out, g = query_grads_now(query_pass, p, theta, wanted, query_x[s], query_y[s], support_x[s])
-                grads.append(g)
+                for k, v in g.items():
+                    grads.setdefault(k, v.new_empty(B, *v.shape[1:]))[s] = v
             else:
                 loss, out = query_pass(p, query_x[s], query_y[s], support_x[s])
             losses.append(loss)  # [c]

@@ -58,10 +58,25 @@ def test_bad_inputs_give_one_clear_line(config_file, tmp_path, capsys):
     line = one_error_line(capsys, ["train", str(config_file), "--set", "train.shots=8"])
     assert "shots + queries = 8 + 2 = 10" in line and "use shots + queries <= 8" in line
     line = one_error_line(capsys, ["train", str(config_file), "--set", "train.shots=0"])
-    assert "shots must be a positive integer, got 0" in line
+    assert "train.shots must be >= 1, got 0" in line
+    line = one_error_line(capsys, ["train", str(config_file), "--set", "train.checkpoint_every=-1"])
+    assert "train.checkpoint_every must be >= 0, got -1" in line
     assert "checkpoint missing.pt not found" in one_error_line(capsys, ["eval", "missing.pt"])
     line = one_error_line(capsys, ["train", str(config_file), "--set", f"data.path={tmp_path / 'none'}"])
     assert "image folder" in line and "not found" in line
+
+
+def test_eval_count_flags_refuse_zero_instead_of_falling_back_to_the_config(capsys):
+    """``--queries 0`` used to mean the config's 15 (``args.queries or e.queries``): now it is refused, before
+    the checkpoint is even read."""
+    for flag in ("--ways", "--shots", "--queries", "--episodes"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", "missing.pt", flag, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "missing.pt", "--episodes", "many"])
+    assert "must be a whole number, got 'many'" in capsys.readouterr().err
 
 
 def test_train_init_checks_its_checkpoint_before_work_and_yields_to_a_resume(config_file, tmp_path, capsys):

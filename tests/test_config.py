@@ -49,3 +49,33 @@ def test_optimizer_and_schedule_are_checked_when_read():
         load_config(None, ["train.lr_schedule=cosine"])
     with pytest.raises(ConfigError, match="train.optimizer must be one of adam, sgd, got 'rmsprop'"):
         load_config(None, ["train.optimizer=rmsprop"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.shots=0", "train.shots must be >= 1, got 0"),
+    ("train.meta_batch_size=0", "train.meta_batch_size must be >= 1, got 0"),
+    ("train.val_every=-5", "train.val_every must be >= 0, got -5"),
+    ("train.lr=-0.001", "train.lr must be >= 0, got -0.001"),
+    ("eval.queries=0", "eval.queries must be >= 1, got 0"),
+    ("eval.episodes=-1", "eval.episodes must be >= 1, got -1"),
+])
+def test_counts_and_rates_out_of_range_fail_when_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_zero_log_and_checkpoint_intervals_mean_at_the_end_only(tmp_path):
+    """``train.log_every=0`` and ``train.checkpoint_every=0`` log and save at the last step only (they used to
+    divide by zero after the first step)."""
+    import json
+
+    from metakit.engine import fit
+    from synthetic import folder_config, make_image_folder
+
+    root = make_image_folder(tmp_path / "data", classes=12, per_class=4, size=28)
+    config = from_dict(folder_config(root, steps=3, val_every=0, log_every=0, checkpoint_every=0))
+    run = tmp_path / "run"
+    fit(config, run, progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [3]
+    assert (run / "last.pt").exists()

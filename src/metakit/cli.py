@@ -74,6 +74,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1 (ways, shots, queries, episodes, ...), refused before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def eval_setting(config, args) -> dict:
     """The evaluation episodes: the checkpoint's ``eval`` section, overridden by the flags."""
     e = config.eval
@@ -309,10 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on fixed test episodes (mean and 95%% CI)")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (its best.pt, or last.pt while it has none)")
-    p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--queries", type=int, help="query examples per class (points, for regression)")
-    p.add_argument("--episodes", type=int)
+    p.add_argument("--ways", type=count)
+    p.add_argument("--shots", type=count)
+    p.add_argument("--queries", type=count, help="query examples per class (points, for regression)")
+    p.add_argument("--episodes", type=count)
     p.add_argument("--split", help="data split (default: the config's test split)")
     p.add_argument("--seed", type=int, default=0, help="fixes the episodes; the same for every algorithm")
     p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
@@ -329,17 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (protonet, siamese, matching)")
     p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/embed or CHECKPOINT_embed)")
     p.add_argument("--split", help="data split (default: the config's test split)")
-    p.add_argument("--classes", type=int, default=20, help="classes shown (default 20)")
-    p.add_argument("--queries", type=int, default=8, help="rows of the closest-support grid")
-    p.add_argument("--neighbours", type=int, default=5, help="closest support examples per query")
+    p.add_argument("--classes", type=count, default=20, help="classes shown (default 20)")
+    p.add_argument("--queries", type=count, default=8, help="rows of the closest-support grid")
+    p.add_argument("--neighbours", type=count, default=5, help="closest support examples per query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", help="data root (default: the checkpoint's, else $METAKIT_DATA)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("demo", help="a short meta-training and evaluation with a learning-curve plot")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--steps", type=count, default=800)
+    p.add_argument("--episodes", type=count, default=600)
     p.add_argument("--root", help="data root (default $METAKIT_DATA or ~/.cache/metakit)")
     p.set_defaults(func=cmd_demo)
 
@@ -347,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a run folder with metrics.jsonl; with --shots, a checkpoint or run folder")
     p.add_argument("--shots", type=_int_list, help="e.g. 1,2,5,10: plot test accuracy against shots instead")
     p.add_argument("--ways", type=_int_list, default=[5], help="e.g. 5,20 (with --shots; default 5)")
-    p.add_argument("--episodes", type=int, default=200, help="test episodes per point (with --shots)")
-    p.add_argument("--queries", type=int, default=15, help="query examples per class (with --shots)")
+    p.add_argument("--episodes", type=count, default=200, help="test episodes per point (with --shots)")
+    p.add_argument("--queries", type=count, default=15, help="query examples per class (with --shots)")
     p.add_argument("--split", help="data split (with --shots; default the config's test split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png or CHECKPOINT_shots.png)")
@@ -358,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "against plain SGD, as PNG")
     p.add_argument("checkpoint", help="a meta_lstm .pt checkpoint or run folder")
     p.add_argument("--out", help="PNG path (default CHECKPOINT_gates.png)")
-    p.add_argument("--episodes", type=int, default=20, help="tasks averaged (default 20)")
+    p.add_argument("--episodes", type=count, default=20, help="tasks averaged (default 20)")
     p.add_argument("--split", help="data split of the tasks (default: the config's test split)")
     p.add_argument("--sgd-lr", type=float, default=None,
                    help="the SGD step drawn for comparison (default: MAML's Omniglot step, 0.4 on the per-shot "
@@ -371,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
     p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--query", required=True, nargs="+", help="query images or folders of images")
-    p.add_argument("--shots", type=int, help="use this many support images per class (each class needs as many)")
+    p.add_argument("--shots", type=count, help="use this many support images per class (each class needs as many)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
 

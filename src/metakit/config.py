@@ -40,6 +40,12 @@ class DataConfig:
     split_classes: dict | None = None  # or explicit lists: {train: [class, ...], val: [...], test: [...]}
 
 
+def _at_least(config, section: str, low: int, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(config, key) < low:
+            raise ConfigError(f"{section}.{key} must be >= {low}, got {getattr(config, key)}")
+
+
 @dataclass
 class TrainConfig:
     ways: int = 60
@@ -68,8 +74,11 @@ class TrainConfig:
                                     ("lr_schedule", self.lr_schedule, ("step", "linear"))):
             if value not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
-        if self.tasks_per_backward < 0:
-            raise ConfigError(f"train.tasks_per_backward must be >= 0, got {self.tasks_per_backward}")
+        _at_least(self, "train", 1, ("ways", "shots", "queries", "meta_batch_size", "val_episodes"))
+        # 0: tasks_per_backward one backward; lr_step a constant rate; val_every no validation; log_every and
+        # checkpoint_every at the last step only
+        _at_least(self, "train", 0, ("steps", "tasks_per_backward", "lr_step", "log_every", "val_every",
+                                     "checkpoint_every", "threads", "lr", "weight_decay", "max_grad_norm"))
         if not 0.0 <= self.within_alphabet <= 1.0:
             raise ConfigError(f"train.within_alphabet is a fraction of tasks in [0, 1], got {self.within_alphabet}")
 
@@ -81,6 +90,9 @@ class EvalConfig:
     queries: int = 15                # per class
     episodes: int = 1000
     batch: int = 50                  # episodes evaluated together
+
+    def __post_init__(self) -> None:
+        _at_least(self, "eval", 1, ("ways", "shots", "queries", "episodes", "batch"))
 
 
 @dataclass

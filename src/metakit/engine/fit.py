@@ -306,7 +306,7 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
             running["score"] += metrics.get(score_key, 0.0)
             running["tasks"] += batch.meta_batch_size
             running["time"] += took
-            if step % t.log_every == 0 or step == t.steps:
+            if (t.log_every and step % t.log_every == 0) or step == t.steps:
                 n = running["n"]
                 record = {"step": step, "loss": running["loss"] / n, score_key: running["score"] / n,
                           "lr": optimizer.param_groups[0]["lr"], "tasks_per_s": running["tasks"] / running["time"],
@@ -330,7 +330,7 @@ def fit(config: Config, run_dir: str | Path, resume: bool = True, progress: bool
                     if main:
                         bar.write(f"step {step}: val {score_key} {result[score_key]:.4f} ± {result['ci95']:.4f}"
                                   f" (best {best[score_key]:.4f} at step {best['step']})")
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
                 save_last()
             bar.update(1)
             if ctx.any(stop.requested):  # every process stops after the same step

@@ -350,7 +350,8 @@ def query_grads_now(query_pass, p: Params, theta: Params, wanted: Iterable[str],
                     sx: Tensor) -> tuple[Tensor, Tensor, Params]:
     """``query_pass(p, x, y, sx)`` of ``c`` tasks -> (losses ``[c]``, outputs ``[c, M, N]``, ``{name: d loss_b / d p[name]
     [c, *shape]}`` for the ``wanted`` names), back-propagated at once, so that the query activations are freed
-    before the next chunk's pass. ``p`` is detached. A parameter shared by the tasks (``[*shape]``, e.g. ANIL's
+    before the next chunk's pass. ``p``: detached tensors, whose ``requires_grad`` is set here for the ``wanted``
+    names. A parameter shared by the tasks (``[*shape]``, e.g. ANIL's
     body) enters the pass expanded to ``[c, *shape]``, so that its gradient comes per task. Nothing returned
     keeps a graph; :func:`with_query_gradients` joins the gradients to the parameters' own graph."""
     c = x.shape[0]

@@ -111,6 +111,16 @@ def test_each_task_is_normalised_with_its_own_examples(monkeypatch):
     torch.testing.assert_close(one_logits[0], logits[0], rtol=1e-12, atol=1e-13)
 
 
+def _run_batched(learner, batch, **kw):
+    """``batched_task_outputs`` of a learner's training schedule, the layout in ``kw``."""
+    theta = parameters_of(learner.model)
+    o = learner.options
+    return theta, batched_task_outputs(plan(learner.model), theta, batch.support_x, batch.support_y, batch.query_x,
+                                       batch.query_y, learner.support_loss, learner.query_loss,
+                                       learner.update_rule(True), o.inner_steps, learner.adapt_names, o.first_order,
+                                       True, transductive=o.transductive, **kw)
+
+
 @pytest.mark.parametrize("layout", [dict(), dict(query_chunk=1, channels_last=True),
                                     dict(support_chunk=2, query_chunk=2), dict(support_chunk=1, channels_last=True),
                                     dict(query_chunk=1, recompute_queries=True)])
@@ -119,12 +129,9 @@ def test_every_layout_gives_the_same_numbers(layout):
     never the numbers (second order, 2 steps)."""
     _, learner = pair(MAML, inner_lr=0.1, inner_steps=2)
     batch = tiny_batch(B=3)
-    theta = parameters_of(learner.model)
 
     def run(**kw):
-        losses, out = batched_task_outputs(plan(learner.model), theta, batch.support_x, batch.support_y,
-                                           batch.query_x, batch.query_y, learner.support_loss, learner.query_loss,
-                                           learner.update_rule(True), 2, learner.adapt_names, False, True, **kw)
+        theta, (losses, out) = _run_batched(learner, batch, **kw)
         return losses, out, torch.autograd.grad(losses.sum(), list(theta.values()))
 
     ref, other = run(), run(**layout)
@@ -222,16 +229,6 @@ def test_a_convolution_bias_is_left_out_only_where_batchnorm_follows():
         torch.testing.assert_close(out[b], model(x[b]), rtol=1e-10, atol=1e-12)
     assert cancelled_biases(plan(MAML(tiny_options(MAML), image_size=SIZE, ways=WAYS).model)) == [
         f"features.{i}.0.bias" for i in range(4)]
-
-
-def _run_batched(learner, batch, **kw):
-    """``batched_task_outputs`` of a learner's training schedule, the layout in ``kw``."""
-    theta = parameters_of(learner.model)
-    o = learner.options
-    return theta, batched_task_outputs(plan(learner.model), theta, batch.support_x, batch.support_y, batch.query_x,
-                                       batch.query_y, learner.support_loss, learner.query_loss,
-                                       learner.update_rule(True), o.inner_steps, learner.adapt_names, o.first_order,
-                                       True, transductive=o.transductive, **kw)
 
 
 @pytest.mark.parametrize("case", ["maml-2-steps", "fomaml", "anil", "metasgd", "maml-strided-no-bn",

@@ -260,13 +260,10 @@ def cmd_plot(args) -> int:
 
 def cmd_gates(args) -> int:
     from .algorithms.meta_lstm import MetaLSTM, mean_gate_trace
-    from .config import ConfigError
     from .data import load_split, make_sampler
     from .engine import CheckpointError, load
     from .plot import plot_gates
 
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
     learner = load(args.checkpoint)
     config = learner.config
     if not isinstance(learner, MetaLSTM):
